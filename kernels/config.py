@@ -1,0 +1,30 @@
+"""Build-time facts shared by the kernels: whether Triton runs under its CPU interpreter.
+
+`triton.jit` decides interpreter-or-GPU when a kernel is defined, so `INTERPRET` is read once,
+when this package is imported: set `TRITON_INTERPRET=1` before importing `moe_lm.kernels`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+INTERPRET: bool = bool(triton.knobs.runtime.interpret)  # as triton.jit saw it at import
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`tl.dot` input precision: exact fp32 unless torch itself allows TF32 for matmuls."""
+    if INTERPRET:
+        return "ieee"
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def check_device(*tensors: torch.Tensor) -> None:
+    """Raises RuntimeError when a CPU tensor meets kernels compiled for the GPU."""
+    for t in tensors:
+        if t.device.type == "cpu" and not INTERPRET:
+            raise RuntimeError(
+                "moe_lm.kernels got CPU tensors but Triton was imported without TRITON_INTERPRET=1; "
+                "set TRITON_INTERPRET=1 before importing moe_lm.kernels")

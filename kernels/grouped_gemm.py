@@ -1,0 +1,211 @@
+"""Triton grouped GEMM: `torch._grouped_mm` semantics for 2D x 3D, with both backward products.
+
+Legend: T rows (tokens in expert order), K reduction width, N output width, E experts (groups);
+offs_E holds the cumulative end row of each group (int32). Rows past offs[E-1] belong to no group
+and get zeros in the forward output (the reference does the same).
+
+Scheduling: the row tiles of every group are laid end to end. Each program derives its
+(group, row-tile) on the device from `offs` (a cumulative sum of per-group tile counts), so the
+host never reads `offs` and empty groups own no tiles. The grid is an upper bound on the number of
+tiles (cdiv(T, BLOCK_M) + E + 1 row tiles); programs past the real count store nothing and exit.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .config import INTERPRET, dot_precision
+
+
+def _mm_configs() -> list[triton.Config]:
+    """Hopper-oriented tile shapes; one small config under the interpreter so CPU tests stay fast."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4)]
+    shapes = [
+        (128, 256, 64, 8, 3),
+        (128, 128, 64, 8, 4),
+        (128, 128, 64, 4, 4),
+        (64, 256, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (128, 128, 32, 4, 5),
+    ]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+        for m, n, k, w, s in shapes
+    ]
+
+
+@triton.autotune(configs=_mm_configs(), key=["N", "K", "E", "PRECISION"])
+@triton.jit
+def _grouped_mm_kernel(
+    x_ptr, w_ptr, y_ptr, offs_ptr,
+    T, K, N, E,
+    stride_xt, stride_xk, stride_we, stride_wk, stride_wn, stride_yt, stride_yn,
+    BLOCK_E: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """y[rows of group e] = x[rows of group e] @ w[e]; one (BLOCK_M, BLOCK_N) tile per program."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    tile_m = pid // num_n
+    pid_n = pid % num_n
+
+    # Group boundaries; group E is the virtual tail [offs[E-1], T) that gets zeros.
+    g = tl.arange(0, BLOCK_E)
+    ends = tl.load(offs_ptr + g, mask=g < E, other=0)
+    ends = tl.where(g < E, ends, T)
+    prev = tl.load(offs_ptr + g - 1, mask=(g >= 1) & (g <= E), other=0)
+    starts = tl.where(g == 0, 0, tl.where(g <= E, prev, T))
+    sizes = tl.maximum(ends - starts, 0)
+    tiles = (sizes + BLOCK_M - 1) // BLOCK_M
+    cum = tl.cumsum(tiles, 0)  # inclusive tile count per group
+    group = tl.sum((cum <= tile_m).to(tl.int32), 0)  # == BLOCK_E past the last real tile
+    first_tile = tl.sum(tl.where(g < group, tiles, 0), 0)
+    row_start = tl.sum(tl.where(g == group, starts, 0), 0)
+    row_end = tl.sum(tl.where(g == group, ends, 0), 0)
+
+    rows = row_start + (tile_m - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = rows < row_end
+    mask_n = cols < N
+    k_tiles = tl.where(group < E, tl.cdiv(K, BLOCK_K), 0)  # tail and idle programs skip the loop
+    w_group = tl.minimum(group, E - 1).to(tl.int64)
+
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xt + ks[None, :] * stride_xk
+    w_ptrs = w_ptr + w_group * stride_we + ks[:, None] * stride_wk + cols.to(tl.int64)[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kt in range(0, k_tiles):
+        k_ok = (kt * BLOCK_K + ks) < K
+        a = tl.load(x_ptrs, mask=mask_m[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=k_ok[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST:  # the interpreter's bf16/fp16 tl.dot is wrong (triton 3.x); fp32 is exact
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_yt + cols[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.autotune(configs=_mm_configs(), key=["K", "N", "E", "PRECISION"])
+@triton.jit
+def _grouped_mm_dw_kernel(
+    x_ptr, dy_ptr, dw_ptr, offs_ptr,
+    K, N, E,
+    stride_xt, stride_xk, stride_dyt, stride_dyn, stride_we, stride_wk, stride_wn,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dw[e] = x_e^T @ dy_e, a reduction over group e's rows; one (BLOCK_K, BLOCK_N) tile each."""
+    e = tl.program_id(0)
+    pid = tl.program_id(1)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_k = pid // num_n
+    pid_n = pid % num_n
+    row_end = tl.load(offs_ptr + e)
+    row_start = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
+    m_tiles = tl.cdiv(tl.maximum(row_end - row_start, 0), BLOCK_M)  # 0 for an empty group
+
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_k = ks < K
+    mask_n = cols < N
+    ms = tl.arange(0, BLOCK_M)
+    rows0 = row_start.to(tl.int64) + ms
+    xt_ptrs = x_ptr + ks[:, None] * stride_xk + rows0[None, :] * stride_xt  # (BLOCK_K, BLOCK_M)
+    dy_ptrs = dy_ptr + rows0[:, None] * stride_dyt + cols[None, :] * stride_dyn  # (BLOCK_M, BLOCK_N)
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    for mt in range(0, m_tiles):
+        m_ok = (row_start + mt * BLOCK_M + ms) < row_end
+        a = tl.load(xt_ptrs, mask=mask_k[:, None] & m_ok[None, :], other=0.0)
+        b = tl.load(dy_ptrs, mask=m_ok[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST:  # the interpreter's bf16/fp16 tl.dot is wrong (triton 3.x); fp32 is exact
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        xt_ptrs += BLOCK_M * stride_xt
+        dy_ptrs += BLOCK_M * stride_dyt
+
+    dw_ptrs = (dw_ptr + e.to(tl.int64) * stride_we + ks[:, None] * stride_wk
+               + cols[None, :] * stride_wn)
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask_k[:, None] & mask_n[None, :])
+
+
+def _check(x_TK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    if x_TK.dim() != 2 or w_EKN.dim() != 3 or offs_E.dim() != 1:
+        raise ValueError(f"grouped_mm wants x (T, K), w (E, K, N), offs (E,); got "
+                         f"{tuple(x_TK.shape)}, {tuple(w_EKN.shape)}, {tuple(offs_E.shape)}")
+    if x_TK.shape[1] != w_EKN.shape[1] or offs_E.shape[0] != w_EKN.shape[0]:
+        raise ValueError(f"grouped_mm shape mismatch: x {tuple(x_TK.shape)}, w {tuple(w_EKN.shape)}, "
+                         f"offs {tuple(offs_E.shape)}")
+    if x_TK.dtype != w_EKN.dtype:
+        raise ValueError(f"grouped_mm wants one dtype; got x {x_TK.dtype}, w {w_EKN.dtype}")
+    return offs_E.to(torch.int32)  # no-op when already int32; never synchronizes
+
+
+def grouped_mm(x_TK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """y (T, N): rows offs[e-1]:offs[e] of x times w[e]; rows past offs[-1] are zero.
+
+    Any strides are accepted (a transposed `w` costs nothing), so `dx = dy @ w[e]^T` is
+    `grouped_mm(dy, w.transpose(1, 2), offs)`. `out`, if given, is written in place.
+    """
+    offs_E = _check(x_TK, w_EKN, offs_E)
+    T, K = x_TK.shape
+    E, _, N = w_EKN.shape
+    y_TN = out if out is not None else x_TK.new_empty(T, N)
+    if T == 0 or N == 0:
+        return y_TN
+    if E == 0:
+        return y_TN.zero_()
+
+    def grid(meta):
+        return ((triton.cdiv(T, meta["BLOCK_M"]) + E + 1) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _grouped_mm_kernel[grid](
+        x_TK, w_EKN, y_TN, offs_E, T, K, N, E,
+        x_TK.stride(0), x_TK.stride(1), w_EKN.stride(0), w_EKN.stride(1), w_EKN.stride(2),
+        y_TN.stride(0), y_TN.stride(1),
+        BLOCK_E=triton.next_power_of_2(E + 1),
+        PRECISION=dot_precision(x_TK.dtype), UPCAST=INTERPRET,
+    )
+    return y_TN
+
+
+def grouped_mm_dx(dy_TN: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """dx (T, K) = dy_e @ w[e]^T per group: the forward kernel over the transposed weight view."""
+    return grouped_mm(dy_TN, w_EKN.transpose(1, 2), offs_E, out=out)
+
+
+def grouped_mm_dw(x_TK: torch.Tensor, dy_TN: torch.Tensor, offs_E: torch.Tensor,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """dw (E, K, N): dw[e] = x_e^T @ dy_e; empty groups get zeros. `out` is written in place."""
+    offs_E = offs_E.to(torch.int32)
+    T, K = x_TK.shape
+    N = dy_TN.shape[1]
+    E = offs_E.shape[0]
+    if dy_TN.shape[0] != T or x_TK.dtype != dy_TN.dtype:
+        raise ValueError(f"grouped_mm_dw: x {tuple(x_TK.shape)} {x_TK.dtype} and dy "
+                         f"{tuple(dy_TN.shape)} {dy_TN.dtype} disagree")
+    dw_EKN = out if out is not None else x_TK.new_empty(E, K, N)
+    if E == 0 or K == 0 or N == 0:
+        return dw_EKN
+
+    def grid(meta):
+        return (E, triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(N, meta["BLOCK_N"]))
+
+    _grouped_mm_dw_kernel[grid](
+        x_TK, dy_TN, dw_EKN, offs_E, K, N, E,
+        x_TK.stride(0), x_TK.stride(1), dy_TN.stride(0), dy_TN.stride(1),
+        dw_EKN.stride(0), dw_EKN.stride(1), dw_EKN.stride(2),
+        PRECISION=dot_precision(x_TK.dtype), UPCAST=INTERPRET,
+    )
+    return dw_EKN
