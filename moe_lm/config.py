@@ -1,0 +1,229 @@
+"""Typed configuration: the dataclass schemas that Hydra validates YAML and CLI overrides against.
+
+Hydra composes `conf/` against these schemas (unknown keys and wrong types fail at compose time);
+`to_train_config` turns the composed DictConfig into plain dataclasses once, and `validate` checks
+the cross-field rules that types alone cannot express. Below the entry point no code sees Hydra.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from moe_lm.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """Transformer shape. `vocab_size=0` takes the tokenizer's vocabulary size."""
+
+    n_layers: int = 4
+    d_model: int = 256
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    ffn_hidden: int = 768  # hidden size of the dense SwiGLU MLPs
+    n_dense_layers: int = 1  # the first layers use a dense MLP
+    moe_every: int = 1  # after those, every `moe_every`-th layer is MoE (1 = all)
+    vocab_size: int = 0
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+
+@dataclass
+class ExpertConfig:
+    """The MoE layer: router, experts and the backend that runs them."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    hidden_size: int = 512  # each expert's SwiGLU hidden size (fine-grained experts: small)
+    capacity_factor: float = 0.0  # 0 = dropless; else overflow tokens skip the experts
+    num_shared: int = 0  # shared experts every token goes through
+    backend: str = "torch"  # torch | triton | megablocks
+    router: str = "softmax"  # softmax | sigmoid | expert_choice
+    jitter: float = 0.0  # multiplicative router input noise in training (Switch)
+    bias_update_rate: float = 0.0  # > 0 enables aux-loss-free balancing (DeepSeek-V3)
+
+
+@dataclass
+class LossConfig:
+    """Coefficients of the terms added to the LM loss."""
+
+    aux_coef: float = 0.01  # load-balancing loss
+    aux_type: str = "switch"  # switch (per batch) | sequence (per sequence)
+    z_coef: float = 0.001  # router z-loss
+
+
+@dataclass
+class ParallelConfig:
+    """Device mesh: FSDP sharding, expert parallel and replicated data parallel degrees."""
+
+    dp_shard: int = 1
+    ep: int = 1
+    dp_replicate: int = 1
+
+
+@dataclass
+class DataConfig:
+    """Where the tokens come from. `path=None` uses the built-in corpus (CPython's own text)."""
+
+    path: Optional[str] = None
+    seq_len: int = 256
+    batch_size: int = 8  # sequences per rank per micro-step
+    tokenizer: str = "cl100k_base"
+    val_fraction: float = 0.02
+    corpus_mb: float = 6.0  # how much of the built-in corpus to use
+    cache_dir: str = "~/.cache/moe_lm"
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay to `min_lr_ratio * lr`."""
+
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainerConfig:
+    """The loop: length, cadence of logs/evals/checkpoints, device and precision."""
+
+    max_steps: int = 300
+    stop_at: Optional[int] = None  # end early at this step; the schedule stays that of max_steps
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    ckpt_every: int = 100
+    keep_last: int = 2
+    seed: int = 1234
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "bf16"  # bf16 | fp32
+    grad_accum: int = 1
+    activation_checkpointing: str = "none"  # none | full | selective
+    compile: bool = False
+    dry_run: bool = False
+
+
+@dataclass
+class WandbConfig:
+    """wandb run settings; `mode=disabled` turns it off, `offline` needs no login."""
+
+    mode: str = "offline"  # online | offline | disabled
+    project: str = "moe_lm"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    name: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class TrainConfig:
+    """The whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    expert: ExpertConfig = field(default_factory=ExpertConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+GROUP_SCHEMAS = {
+    "model": ModelConfig,
+    "expert": ExpertConfig,
+    "loss": LossConfig,
+    "parallel": ParallelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "trainer": TrainerConfig,
+    "logger": LoggerConfig,
+}
+
+
+def register_configs() -> None:
+    """Registers the root schema so that every composed config is checked against TrainConfig."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+
+
+def to_train_config(cfg: DictConfig | dict[str, Any]) -> TrainConfig:
+    """Turns a composed config (DictConfig or plain dict) into validated dataclasses."""
+    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), _without_hydra(cfg))
+    out: TrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(out)
+    return out
+
+
+def _without_hydra(cfg: Any) -> Any:
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    return {k: v for k, v in cfg.items() if k != "hydra"}
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Checks the rules that span fields; raises ConfigError saying what to change."""
+    m, e, t, d, p = cfg.model, cfg.expert, cfg.trainer, cfg.data, cfg.parallel
+    _check(e.num_experts >= 1, f"expert.num_experts={e.num_experts}: set it to 1 or more.")
+    _check(
+        1 <= e.top_k <= e.num_experts,
+        f"expert.top_k={e.top_k} must be between 1 and expert.num_experts={e.num_experts}: "
+        "lower expert.top_k or raise expert.num_experts.",
+    )
+    _check(e.capacity_factor >= 0, "expert.capacity_factor must be >= 0 (0 means dropless).")
+    _check(e.backend in ("torch", "triton", "megablocks"),
+           f"expert.backend={e.backend!r}: choose torch, triton or megablocks.")
+    _check(e.router in ("softmax", "sigmoid", "expert_choice"),
+           f"expert.router={e.router!r}: choose softmax, sigmoid or expert_choice.")
+    _check(e.router != "expert_choice" or e.capacity_factor > 0,
+           "expert.router=expert_choice needs expert.capacity_factor > 0 (tokens per expert = "
+           "capacity_factor * tokens * top_k / num_experts); set e.g. expert.capacity_factor=1.0.")
+    _check(e.num_shared >= 0, "expert.num_shared must be >= 0.")
+    _check(cfg.loss.aux_type in ("switch", "sequence"),
+           f"loss.aux_type={cfg.loss.aux_type!r}: choose switch or sequence.")
+    _check(m.d_model % m.n_heads == 0,
+           f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}.")
+    _check((m.d_model // m.n_heads) % 2 == 0, "model.d_model / model.n_heads must be even (rotary).")
+    _check(m.n_heads % m.n_kv_heads == 0,
+           f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}.")
+    _check(m.n_layers >= 1 and m.moe_every >= 1 and 0 <= m.n_dense_layers <= m.n_layers,
+           "model.n_layers >= 1, model.moe_every >= 1 and 0 <= model.n_dense_layers <= n_layers.")
+    _check(t.max_steps >= 1, "trainer.max_steps must be >= 1.")
+    _check(t.stop_at is None or 1 <= t.stop_at <= t.max_steps,
+           f"trainer.stop_at={t.stop_at} must lie between 1 and trainer.max_steps={t.max_steps}.")
+    _check(t.grad_accum >= 1, "trainer.grad_accum must be >= 1.")
+    _check(min(t.log_every, t.eval_every, t.ckpt_every, t.keep_last, t.eval_batches) >= 1,
+           "trainer.log_every, eval_every, ckpt_every, keep_last and eval_batches must be >= 1.")
+    _check(t.device in ("auto", "cpu", "cuda"), f"trainer.device={t.device!r}: auto, cpu or cuda.")
+    _check(t.precision in ("bf16", "fp32"), f"trainer.precision={t.precision!r}: bf16 or fp32.")
+    _check(t.activation_checkpointing in ("none", "full", "selective"),
+           "trainer.activation_checkpointing: none, full or selective.")
+    _check(d.seq_len >= 2 and d.batch_size >= 1, "data.seq_len >= 2 and data.batch_size >= 1.")
+    _check(0 < d.val_fraction < 0.5, "data.val_fraction must lie in (0, 0.5).")
+    _check(min(p.dp_shard, p.ep, p.dp_replicate) >= 1, "parallel degrees must be >= 1.")
+    _check(e.num_experts % p.ep == 0,
+           f"expert.num_experts={e.num_experts} is not divisible by parallel.ep={p.ep}: "
+           "choose an EP degree that divides the number of experts.")
+    _check(cfg.logger.wandb.mode in ("online", "offline", "disabled"),
+           "logger.wandb.mode: online, offline or disabled.")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)

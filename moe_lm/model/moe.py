@@ -1,0 +1,110 @@
+"""The sparse MoE layer: router -> dispatch (sort by expert) -> experts (grouped GEMM) -> combine.
+
+Legend: T tokens, k experts per token, M kept assignments (<= T*k), E experts, D model width,
+F expert hidden size. The backend (`expert.backend`) supplies route/gather/scatter/grouped_mm.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_lm.config import ExpertConfig, LossConfig
+from moe_lm.model.router import Router, load_balance_loss, router_entropy, z_loss
+from moe_lm.ops import get_backend
+
+
+@dataclass
+class MoEStats:
+    """What one MoE layer reports for a forward pass: its losses and its routing balance."""
+
+    aux_loss: torch.Tensor  # scalar, differentiable
+    z_loss: torch.Tensor  # scalar, differentiable
+    tokens_per_expert: torch.Tensor  # (E,) assignments routed to each expert (before drops)
+    dropped_frac: torch.Tensor  # scalar, share of assignments dropped by capacity
+    entropy: torch.Tensor  # scalar, mean router entropy
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts held as 3-D weights: w1/w3 (E, D, F) and w2 (E, F, D)."""
+
+    def __init__(self, num_experts: int, d_model: int, hidden: int):
+        super().__init__()
+        self.w1_EDF = nn.Parameter(torch.empty(num_experts, d_model, hidden))
+        self.w3_EDF = nn.Parameter(torch.empty(num_experts, d_model, hidden))
+        self.w2_EFD = nn.Parameter(torch.empty(num_experts, hidden, d_model))
+
+    def forward(self, x_MD: torch.Tensor, offs_E: torch.Tensor, backend) -> torch.Tensor:
+        dtype = x_MD.dtype
+        gmm = backend.grouped_mm
+        h_MF = F.silu(gmm(x_MD, self.w1_EDF.to(dtype), offs_E)) * gmm(x_MD, self.w3_EDF.to(dtype), offs_E)
+        return gmm(h_MF, self.w2_EFD.to(dtype), offs_E)  # (M, D)
+
+
+class SwiGLU(nn.Module):
+    """Dense SwiGLU MLP: w2(silu(w1 x) * w3 x). Used by dense layers and shared experts."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, hidden, bias=False)
+        self.w3 = nn.Linear(d_model, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MoE(nn.Module):
+    """Top-k routed experts (+ optional shared experts), dropless or with a capacity factor."""
+
+    def __init__(self, d_model: int, cfg: ExpertConfig, loss_cfg: LossConfig):
+        super().__init__()
+        self.cfg, self.loss_cfg = cfg, loss_cfg
+        self.router = Router(d_model, cfg)
+        self.experts = Experts(cfg.num_experts, d_model, cfg.hidden_size)
+        self.shared = SwiGLU(d_model, cfg.hidden_size * cfg.num_shared) if cfg.num_shared else None
+        self.backend = get_backend(cfg.backend)
+
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        B, S, D = x_BSD.shape
+        E, k = self.cfg.num_experts, self.cfg.top_k
+        x_TD = x_BSD.reshape(B * S, D)
+        routing = self.router(x_TD)
+        order_M, counts_E = self.backend.route(routing.expert_idx_Tk, E)
+        tokens_per_expert = counts_E
+        dropped = x_TD.new_zeros((), dtype=torch.float32)
+        if self.cfg.capacity_factor > 0 and self.training:
+            capacity = math.ceil(self.cfg.capacity_factor * B * S * k / E)
+            order_M, counts_E = drop_over_capacity(order_M, counts_E, capacity)
+            dropped = 1.0 - order_M.numel() / (B * S * k)
+            dropped = torch.tensor(dropped)
+        offs_E = counts_E.cumsum(0).to(torch.int32)
+        x_MD = self.backend.gather(x_TD, order_M, k)
+        y_MD = self.experts(x_MD, offs_E, self.backend)
+        out_TD = self.backend.scatter(y_MD, order_M, routing.weights_Tk.to(y_MD.dtype))
+        if self.shared is not None:
+            out_TD = out_TD + self.shared(x_TD)
+        seq_len = S if self.loss_cfg.aux_type == "sequence" else None
+        stats = MoEStats(
+            aux_loss=load_balance_loss(routing.probs_TE, routing.expert_idx_Tk, seq_len),
+            z_loss=z_loss(routing.logits_TE),
+            tokens_per_expert=tokens_per_expert.detach(),
+            dropped_frac=dropped,
+            entropy=router_entropy(routing.probs_TE.detach()),
+        )
+        return out_TD.reshape(B, S, D), stats
+
+
+def drop_over_capacity(order_M: torch.Tensor, counts_E: torch.Tensor,
+                       capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keeps the first `capacity` assignments of each expert (token order); the rest are dropped."""
+    starts_E = counts_E.cumsum(0) - counts_E
+    expert_of_M = torch.repeat_interleave(torch.arange(counts_E.numel(), device=counts_E.device),
+                                          counts_E)
+    rank_M = torch.arange(order_M.numel(), device=order_M.device) - starts_E[expert_of_M]
+    keep_M = rank_M < capacity
+    return order_M[keep_M], counts_E.clamp(max=capacity)

@@ -1,0 +1,177 @@
+"""The decoder-only transformer: embed -> [attention -> (dense MLP | MoE)] x L -> norm -> LM head.
+
+Legend: B batch, S sequence, D model width, H query heads, G key/value heads, Dh head width,
+V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_lm.config import ExpertConfig, LossConfig, ModelConfig
+from moe_lm.model.moe import MoE, MoEStats, SwiGLU
+
+
+@dataclass
+class ModelOutput:
+    """Logits (when asked for), the LM loss (when targets were given) and each MoE layer's stats."""
+
+    logits: torch.Tensor | None
+    lm_loss: torch.Tensor | None
+    moe_stats: list[MoEStats]
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm with a learned scale, computed in fp32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).to(x.dtype)
+
+
+def rotary_tables(seq_len: int, head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """cos/sin tables for rotary positions, (S, Dh/2, 2) in fp32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    angles_SF = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)
+    return torch.stack([angles_SF.cos(), angles_SF.sin()], dim=-1)
+
+
+def apply_rotary(x_BSHD: torch.Tensor, rope_SF2: torch.Tensor) -> torch.Tensor:
+    """Rotates consecutive pairs of each head's channels by position-dependent angles."""
+    x = x_BSHD.float().reshape(*x_BSHD.shape[:-1], -1, 2)
+    cos, sin = rope_SF2[None, :, None, :, 0], rope_SF2[None, :, None, :, 1]
+    rotated = torch.stack([x[..., 0] * cos - x[..., 1] * sin, x[..., 0] * sin + x[..., 1] * cos], -1)
+    return rotated.flatten(-2).to(x_BSHD.dtype)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention through `scaled_dot_product_attention`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * self.head_dim, bias=False)
+        self.wkv = nn.Linear(cfg.d_model, 2 * cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor, rope_SF2: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        q_BSHD = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim)
+        k_BSGD, v_BSGD = self.wkv(x_BSD).view(B, S, 2, self.n_kv_heads, self.head_dim).unbind(2)
+        q_BSHD, k_BSGD = apply_rotary(q_BSHD, rope_SF2), apply_rotary(k_BSGD, rope_SF2)
+        y_BHSD = F.scaled_dot_product_attention(
+            q_BSHD.transpose(1, 2), k_BSGD.transpose(1, 2), v_BSGD.transpose(1, 2),
+            is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.wo(y_BHSD.transpose(1, 2).reshape(B, S, -1))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block whose MLP is either dense SwiGLU or a sparse MoE."""
+
+    def __init__(self, cfg: ModelConfig, expert_cfg: ExpertConfig, loss_cfg: LossConfig,
+                 is_moe: bool):
+        super().__init__()
+        self.is_moe = is_moe
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MoE(cfg.d_model, expert_cfg, loss_cfg) if is_moe else SwiGLU(cfg.d_model, cfg.ffn_hidden)
+
+    def forward(self, x_BSD: torch.Tensor, rope_SF2: torch.Tensor):
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), rope_SF2)
+        if self.is_moe:
+            mlp_out, stats = self.mlp(self.mlp_norm(x_BSD))
+            return x_BSD + mlp_out, stats
+        return x_BSD + self.mlp(self.mlp_norm(x_BSD)), None
+
+
+def is_moe_layer(layer: int, cfg: ModelConfig) -> bool:
+    """Layers after the first `n_dense_layers` are MoE every `moe_every` layers."""
+    return layer >= cfg.n_dense_layers and (layer - cfg.n_dense_layers) % cfg.moe_every == 0
+
+
+class Transformer(nn.Module):
+    """The language model. `forward(tokens_BS, targets_BS)` returns a ModelOutput."""
+
+    def __init__(self, cfg: ModelConfig, expert_cfg: ExpertConfig, loss_cfg: LossConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be set (the entry point takes the tokenizer's)")
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(
+            Block(cfg, expert_cfg, loss_cfg, is_moe_layer(i, cfg)) for i in range(cfg.n_layers)
+        )
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    @property
+    def head_weight_VD(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std) everywhere; output projections scaled by 1/sqrt(2 * n_layers)."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(("wo.weight", "w2.weight", "w2_EFD")):
+                nn.init.normal_(p, 0.0, out_std)
+            else:
+                nn.init.normal_(p, 0.0, std)
+        for module in self.modules():  # buffers that are state, not parameters
+            if hasattr(module, "score_bias"):
+                module.score_bias.zero_()
+
+    def forward(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | None = None,
+                return_logits: bool = True) -> ModelOutput:
+        S = tokens_BS.shape[1]
+        rope_SF2 = rotary_tables(S, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta,
+                                 tokens_BS.device)
+        x_BSD = self.embed(tokens_BS)
+        stats: list[MoEStats] = []
+        for layer in self.layers:
+            x_BSD, layer_stats = layer(x_BSD, rope_SF2)
+            if layer_stats is not None:
+                stats.append(layer_stats)
+        h_BSD = self.norm(x_BSD)
+        logits_BSV = F.linear(h_BSD, self.head_weight_VD.to(h_BSD.dtype))
+        lm_loss = None
+        if targets_BS is not None:
+            lm_loss = F.cross_entropy(logits_BSV.flatten(0, 1).float(), targets_BS.flatten())
+        return ModelOutput(logits_BSV if return_logits else None, lm_loss, stats)
+
+
+def count_params(cfg: ModelConfig, expert_cfg: ExpertConfig) -> dict[str, int]:
+    """Parameter counts from the architecture alone: total and active per token."""
+    D, V, L = cfg.d_model, cfg.vocab_size, cfg.n_layers
+    hd = D // cfg.n_heads
+    attn = D * cfg.n_heads * hd + 2 * D * cfg.n_kv_heads * hd + cfg.n_heads * hd * D
+    norms = 2 * D
+    dense_mlp = 3 * D * cfg.ffn_hidden
+    E, F_, k = expert_cfg.num_experts, expert_cfg.hidden_size, expert_cfg.top_k
+    one_expert = 3 * D * F_
+    shared = one_expert * expert_cfg.num_shared
+    n_moe = sum(is_moe_layer(i, cfg) for i in range(L))
+    n_dense = L - n_moe
+    embed = V * D * (1 if cfg.tie_embeddings else 2)
+    common = embed + D + L * (attn + norms) + n_dense * dense_mlp + n_moe * (D * E + shared)
+    return {
+        "total": common + n_moe * E * one_expert,
+        "active": common + n_moe * k * one_expert,
+    }

@@ -1,0 +1,95 @@
+"""Plain-PyTorch reference of the kernel API (design section 3): always available, autograd-native.
+
+Legend: T tokens, k assignments per token, M = kept assignments (<= T*k), E experts, D/K/N widths.
+`order` may omit assignments (capacity dropping, expert choice): those contribute nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def route(expert_idx_Tk: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable sort of the flattened assignments by expert; returns (order (T*k,), counts (E,))."""
+    flat = expert_idx_Tk.reshape(-1)
+    order = torch.sort(flat, stable=True).indices
+    counts = torch.bincount(flat, minlength=num_experts)
+    return order, counts
+
+
+def gather(x_TD: torch.Tensor, order_M: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Rows of x in expert order, each token repeated per assignment: (M, D) = x[order // k]."""
+    return x_TD.index_select(0, order_M // top_k)
+
+
+def scatter(y_MD: torch.Tensor, order_M: torch.Tensor, weights_Tk: torch.Tensor) -> torch.Tensor:
+    """Back to token order with the combine: out[t] = sum_j w[t, j] * y[pos(t*k + j)]; (T, D)."""
+    T, k = weights_Tk.shape
+    w_M = weights_Tk.reshape(-1).index_select(0, order_M).to(y_MD.dtype)
+    out = y_MD.new_zeros(T, y_MD.shape[1])
+    return out.index_add(0, order_M // k, y_MD * w_M[:, None])
+
+
+def grouped_mm(x_TK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """`torch._grouped_mm` semantics for 2D x 3D: rows offs[e-1]:offs[e] of x times w[e]."""
+    if _native_grouped_mm_ok(x_TK, w_EKN):
+        out = torch._grouped_mm(x_TK.contiguous(), w_EKN, offs=offs_E.to(torch.int32))
+        return _ContiguousGrad.apply(out)
+    return grouped_mm_loop(x_TK, w_EKN, offs_E)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient dense: `torch._grouped_mm`'s backward
+    rejects the stride-0 gradients that e.g. `y.sum().backward()` produces."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def grouped_mm_loop(x_TK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """The per-expert loop: the fallback where `torch._grouped_mm` is unsupported."""
+    out = x_TK.new_empty(x_TK.shape[0], w_EKN.shape[2])
+    ends = offs_E.tolist()
+    start = 0
+    for e, end in enumerate(ends):
+        if end > start:
+            out[start:end] = x_TK[start:end] @ w_EKN[e]
+        start = end
+    if start < x_TK.shape[0]:  # rows past the last offset belong to no group
+        out[start:] = 0
+    return out
+
+
+def _native_grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """`torch._grouped_mm` runs on CUDA (sm90+, bf16) and, in recent torch, on CPU."""
+    if not hasattr(torch, "_grouped_mm") or x.device.type == "meta" or x.dtype != w.dtype:
+        return False
+    aligned = all((n * x.element_size()) % 16 == 0 for n in (x.shape[1], w.shape[2]))
+    if not aligned:  # the op requires 16-byte aligned row strides
+        return False
+    if x.device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(x.device)
+        return major >= 9 and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16
+    return x.device.type == "cpu" and _cpu_grouped_mm_works(x.dtype)
+
+
+_CPU_SUPPORT: dict = {}  # dtype -> bool, probed once (a cache, not state)
+
+
+def _cpu_grouped_mm_works(dtype: torch.dtype) -> bool:
+    if dtype not in _CPU_SUPPORT:
+        try:
+            x = torch.ones(3, 8, dtype=dtype, requires_grad=True)
+            w = torch.ones(2, 8, 16, dtype=dtype, requires_grad=True)
+            offs = torch.tensor([1, 3], dtype=torch.int32)
+            y = torch._grouped_mm(x, w, offs=offs)
+            y.backward(torch.ones_like(y).contiguous())
+            _CPU_SUPPORT[dtype] = bool(torch.allclose(y.float(), torch.full((3, 16), 8.0)))
+        except (RuntimeError, NotImplementedError, TypeError):
+            _CPU_SUPPORT[dtype] = False
+    return _CPU_SUPPORT[dtype]

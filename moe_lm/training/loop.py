@@ -1,0 +1,255 @@
+"""The training loop: data -> model -> loss -> AdamW -> clip -> step, with evals and checkpoints.
+
+`run_training(cfg, run_dir)` is the whole run, resumable: started in a run directory that holds a
+complete checkpoint, it continues from the newest one with identical results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+import warnings
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from moe_lm.config import TrainConfig
+from moe_lm.data import TokenLoader, get_tokenizer, prepare
+from moe_lm.errors import MoeLMError
+from moe_lm.model import ModelOutput, Transformer
+from moe_lm.training import distributed as dist_utils
+from moe_lm.training.checkpoint import (
+    check_identity,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from moe_lm.training.metrics import MetricsLogger, RoutingAccumulator
+from moe_lm.training.optim import build_optimizer, build_scheduler
+
+
+class TrainingError(MoeLMError):
+    """The run cannot go on (e.g. a non-finite loss)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA where present; `cuda` without CUDA is a config error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MoeLMError("trainer.device=cuda but no CUDA device is visible: use trainer.device=cpu "
+                         "(or auto), or run on a machine with a GPU.")
+    return torch.device(name)
+
+
+def autocast_context(device: torch.device, precision: str):
+    """bf16 autocast where the device supports it; fp32 otherwise (with a warning)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    supported = (torch.cuda.is_bf16_supported() if device.type == "cuda"
+                 else torch.backends.mkldnn.is_available() and _cpu_has_bf16())
+    if not supported:
+        warnings.warn("bf16 is not supported on this device; training in fp32.", stacklevel=2)
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _cpu_has_bf16() -> bool:
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(cpu, c, lambda: False)() for c in checks)
+
+
+@dataclass
+class LossParts:
+    """The total training loss and what it is made of."""
+
+    total: torch.Tensor
+    lm: torch.Tensor
+    aux: torch.Tensor
+    z: torch.Tensor
+
+
+def combine_losses(out: ModelOutput, cfg: TrainConfig) -> LossParts:
+    """LM loss + aux_coef * mean balance loss + z_coef * mean z-loss over MoE layers."""
+    zero = out.lm_loss.new_zeros(())
+    aux = torch.stack([s.aux_loss for s in out.moe_stats]).mean() if out.moe_stats else zero
+    z = torch.stack([s.z_loss for s in out.moe_stats]).mean() if out.moe_stats else zero
+    total = out.lm_loss + cfg.loss.aux_coef * aux + cfg.loss.z_coef * z
+    return LossParts(total, out.lm_loss, aux, z)
+
+
+class Trainer:
+    """Holds one run's model, optimizer, data and logger; `fit()` trains to the end."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.device = resolve_device(cfg.trainer.device)
+        torch.manual_seed(cfg.trainer.seed)
+        tokenizer = get_tokenizer(cfg.data.tokenizer)
+        shard_dir = prepare(cfg.data, tokenizer)
+        if cfg.model.vocab_size <= 0:
+            cfg = replace(cfg, model=replace(cfg.model, vocab_size=tokenizer.n_vocab))
+        elif cfg.model.vocab_size < tokenizer.n_vocab:
+            raise MoeLMError(f"model.vocab_size={cfg.model.vocab_size} is smaller than tokenizer "
+                             f"{tokenizer.name}'s {tokenizer.n_vocab} tokens: set it to 0 (take the "
+                             "tokenizer's) or at least that.")
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.model = Transformer(cfg.model, cfg.expert, cfg.loss).to(self.device)
+        self.model.init_weights()
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
+        d, r, w = cfg.data, dist_utils.rank(), dist_utils.world_size()
+        self.train_data = TokenLoader(shard_dir, "train", d.seq_len, d.batch_size,
+                                      cfg.trainer.seed, rank=r, world_size=w)
+        self.val_data = TokenLoader(shard_dir, "val", d.seq_len, d.batch_size, cfg.trainer.seed,
+                                    rank=r, world_size=w)
+        self.step, self.tokens_seen = 0, 0
+        self.routing = RoutingAccumulator()
+        self.stop_requested = False
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed by this run."""
+        return {"model": asdict(self.cfg.model), "num_experts": self.cfg.expert.num_experts,
+                "expert_hidden": self.cfg.expert.hidden_size,
+                "num_shared": self.cfg.expert.num_shared, "tokenizer": self.tokenizer.name}
+
+    def resume_if_possible(self) -> bool:
+        """Loads the newest complete checkpoint of the run directory, if any."""
+        for ckpt in list_checkpoints(self.run_dir):
+            check_identity(ckpt, self.identity)
+            state = load_checkpoint(ckpt, self.model, self.optimizer)
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.train_data.load_state_dict(state["data"])
+            self.step, self.tokens_seen = state["step"], state["tokens"]
+            if dist_utils.is_rank0():
+                print(f"resumed from {ckpt.path} at step {self.step}", flush=True)
+            return True
+        return False
+
+    def save(self) -> None:
+        state = {"step": self.step, "tokens": self.tokens_seen,
+                 "scheduler": self.scheduler.state_dict(), "data": self.train_data.state_dict()}
+        save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, self.identity,
+                        self.cfg.trainer.keep_last)
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer update over `grad_accum` micro-batches; returns its metrics row."""
+        t = self.cfg.trainer
+        start = time.time()
+        self.model.train()
+        sums = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "z_loss": 0.0}
+        for _ in range(t.grad_accum):
+            batch = self.train_data.next_batch().to(self.device, non_blocking=True)
+            with autocast_context(self.device, t.precision):
+                out = self.model(batch[:, :-1], batch[:, 1:], return_logits=False)
+                parts = combine_losses(out, self.cfg)
+            (parts.total / t.grad_accum).backward()
+            self.routing.add(out.moe_stats)
+            for key, value in zip(sums, (parts.total, parts.lm, parts.aux, parts.z)):
+                sums[key] += value.detach() / t.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        bad = not (math.isfinite(float(sums["loss"])) and math.isfinite(float(grad_norm)))
+        if dist_utils.any_rank_true(bad, self.device):
+            raise TrainingError(
+                f"Non-finite loss or gradient norm at step {self.step + 1} (loss {float(sums['loss'])}, "
+                f"grad norm {float(grad_norm)}); the optimizer step was not taken. Lower optim.lr, "
+                "raise optim.warmup_steps or use trainer.precision=fp32, then resume from the last "
+                "checkpoint.")
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        d = self.cfg.data
+        step_tokens = t.grad_accum * d.batch_size * d.seq_len * dist_utils.world_size()
+        self.tokens_seen += step_tokens
+        elapsed = time.time() - start
+        row = {"step": self.step, **{k: float(v) for k, v in sums.items()}, "lr": lr,
+               "grad_norm": float(grad_norm), "tokens": self.tokens_seen,
+               "tokens_per_s": step_tokens / max(elapsed, 1e-9), "step_time": elapsed}
+        return row
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Mean LM loss over `trainer.eval_batches` fixed validation batches."""
+        self.model.eval()
+        total, n = torch.zeros((), device=self.device), 0
+        for batch in self.val_batches():
+            batch = batch.to(self.device)
+            with autocast_context(self.device, self.cfg.trainer.precision):
+                out = self.model(batch[:, :-1], batch[:, 1:], return_logits=False)
+            total += out.lm_loss.float()
+            n += 1
+        if dist_utils.is_initialized():
+            torch.distributed.all_reduce(total)
+            total /= dist_utils.world_size()
+        val_loss = float(total / max(n, 1))
+        return {"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+
+    def val_batches(self) -> Iterator[torch.Tensor]:
+        return self.val_data.val_batches(self.cfg.trainer.eval_batches)
+
+    def fit(self, logger: MetricsLogger) -> dict[str, Any]:
+        """Trains until `stop_at` / `max_steps` or SIGTERM; always checkpoints at the end."""
+        t = self.cfg.trainer
+        end = t.stop_at or t.max_steps
+        last_eval: dict[str, Any] = {}
+        if self.step == 0:
+            last_eval = self.evaluate()
+            logger.log(last_eval), logger.console(last_eval)
+        with _sigterm_flag(self):
+            while self.step < end:
+                row = self.train_step()
+                if self.step % t.log_every == 0 or self.step == end:
+                    row.update(self.routing.metrics())
+                    logger.log(row)
+                    logger.console(row)
+                    self.routing.reset()
+                if self.step % t.eval_every == 0 or self.step == end:
+                    last_eval = self.evaluate()
+                    logger.log(last_eval), logger.console(last_eval)
+                stopping = dist_utils.any_rank_true(self.stop_requested, self.device)
+                if self.step % t.ckpt_every == 0 or self.step == end or stopping:
+                    self.save()
+                if stopping:
+                    if dist_utils.is_rank0():
+                        print(f"SIGTERM: checkpointed step {self.step}, exiting.", flush=True)
+                    break
+        if not last_eval:
+            last_eval = self.evaluate()
+        return last_eval
+
+
+@contextlib.contextmanager
+def _sigterm_flag(trainer: Trainer):
+    """SIGTERM asks the loop to checkpoint after the current step and exit cleanly."""
+    def handler(signum, frame):
+        trainer.stop_requested = True
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. some launchers): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
+    """Builds everything, resumes if the run directory holds a checkpoint, trains, logs."""
+    trainer = Trainer(cfg, run_dir)
+    trainer.resume_if_possible()
+    total = cfg.trainer.stop_at or cfg.trainer.max_steps
+    logger = MetricsLogger(run_dir, trainer.cfg, total)
+    try:
+        return trainer.fit(logger)
+    finally:
+        logger.close()
