@@ -200,3 +200,32 @@ def test_megablocks_backend_matches_torch_backend():
     torch.testing.assert_close(out.float(), ref_out, **TOL[torch.bfloat16])
     for g, ref in zip(grads, ref_grads):
         torch.testing.assert_close(g.float(), ref, **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("capacity_factor", [0.0, 1.0], ids=["dropless", "capacity1"])
+def test_moe_layer_with_triton_backend_equals_torch_backend(capacity_factor, device):
+    from moe_lm.config import ExpertConfig, LossConfig
+    from moe_lm.model.moe import MoE
+
+    layers = {}
+    for backend in ("torch", "triton"):
+        cfg = ExpertConfig(num_experts=8, top_k=2, hidden_size=24, backend=backend,
+                           capacity_factor=capacity_factor)
+        torch.manual_seed(0)
+        layers[backend] = MoE(16, cfg, LossConfig()).to(device)
+        for p in layers[backend].parameters():
+            torch.nn.init.normal_(p, 0, 0.3)
+    x = torch.randn(2, 20, 16, device=device)
+    results = {}
+    for backend, layer in layers.items():
+        xb = x.clone().requires_grad_()
+        out, stats = layer(xb)
+        (out.square().sum() + stats.aux_loss).backward()
+        results[backend] = (out, xb.grad, {n: p.grad for n, p in layer.named_parameters()})
+    out, dx, grads = results["triton"]
+    ref_out, ref_dx, ref_grads = results["torch"]
+    torch.testing.assert_close(out, ref_out, **TOL[torch.float32])
+    torch.testing.assert_close(dx, ref_dx, **TOL[torch.float32])
+    for name, ref in ref_grads.items():
+        torch.testing.assert_close(grads[name], ref, **TOL[torch.float32], msg=name)
