@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_lm.config import ExpertConfig, LossConfig, ModelConfig
+from moe_lm.model.losses import fused_linear_cross_entropy
 from moe_lm.model.moe import MoE, MoEStats, SwiGLU
 
 
@@ -150,11 +151,15 @@ class Transformer(nn.Module):
             if layer_stats is not None:
                 stats.append(layer_stats)
         h_BSD = self.norm(x_BSD)
+        if not return_logits and targets_BS is not None:  # training: never build (B*S, V) logits
+            lm_loss = fused_linear_cross_entropy(h_BSD.flatten(0, 1), self.head_weight_VD,
+                                                 targets_BS.flatten())
+            return ModelOutput(None, lm_loss, stats)
         logits_BSV = F.linear(h_BSD, self.head_weight_VD.to(h_BSD.dtype))
         lm_loss = None
         if targets_BS is not None:
             lm_loss = F.cross_entropy(logits_BSV.flatten(0, 1).float(), targets_BS.flatten())
-        return ModelOutput(logits_BSV if return_logits else None, lm_loss, stats)
+        return ModelOutput(logits_BSV, lm_loss, stats)
 
 
 def count_params(cfg: ModelConfig, expert_cfg: ExpertConfig) -> dict[str, int]:

@@ -19,15 +19,33 @@ def route(expert_idx_Tk: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, 
 
 def gather(x_TD: torch.Tensor, order_M: torch.Tensor, top_k: int) -> torch.Tensor:
     """Rows of x in expert order, each token repeated per assignment: (M, D) = x[order // k]."""
-    return x_TD.index_select(0, order_M // top_k)
+    T, D = x_TD.shape
+    x_TkD = x_TD.unsqueeze(1).expand(T, top_k, D).reshape(T * top_k, D)
+    return _UniqueRowSelect.apply(x_TkD, order_M)
 
 
 def scatter(y_MD: torch.Tensor, order_M: torch.Tensor, weights_Tk: torch.Tensor) -> torch.Tensor:
     """Back to token order with the combine: out[t] = sum_j w[t, j] * y[pos(t*k + j)]; (T, D)."""
     T, k = weights_Tk.shape
-    w_M = weights_Tk.reshape(-1).index_select(0, order_M).to(y_MD.dtype)
-    out = y_MD.new_zeros(T, y_MD.shape[1])
-    return out.index_add(0, order_M // k, y_MD * w_M[:, None])
+    y_TkD = y_MD.new_zeros(T * k, y_MD.shape[1]).index_copy(0, order_M, y_MD)
+    return (y_TkD.view(T, k, -1) * weights_Tk.to(y_MD.dtype).unsqueeze(-1)).sum(1)
+
+
+class _UniqueRowSelect(torch.autograd.Function):
+    """`src[idx]` for indices without repeats. Its backward is a plain copy (`index_copy`), not
+    the atomic-add scatter that `index_select`'s backward uses, which is slow on CPU."""
+
+    @staticmethod
+    def forward(ctx, src_ND: torch.Tensor, idx_M: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(idx_M)
+        ctx.n_rows = src_ND.shape[0]
+        return src_ND.index_select(0, idx_M)
+
+    @staticmethod
+    def backward(ctx, grad_MD: torch.Tensor):
+        (idx_M,) = ctx.saved_tensors
+        grad_ND = grad_MD.new_zeros(ctx.n_rows, grad_MD.shape[1])
+        return grad_ND.index_copy_(0, idx_M, grad_MD), None
 
 
 def grouped_mm(x_TK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -143,7 +144,7 @@ def _init_wandb(run_dir: Path, cfg: TrainConfig):
 
     w = cfg.logger.wandb
     id_file = Path(run_dir) / "wandb_run_id"  # a resumed run continues the same wandb run
-    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
     id_file.write_text(run_id)
     return wandb.init(project=w.project, entity=w.entity, group=w.group, name=w.name,
                       tags=list(w.tags), mode=w.mode, dir=str(run_dir), id=run_id,

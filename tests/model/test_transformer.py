@@ -69,3 +69,15 @@ def test_loss_is_finite_and_backward_reaches_every_parameter():
     assert torch.isfinite(loss)
     missing = [n for n, p in net.named_parameters() if p.grad is None]
     assert not missing
+
+
+def test_fused_head_loss_equals_plain_cross_entropy_in_value_and_gradients():
+    net, _, _ = tiny()
+    x = torch.randint(0, 97, (2, 9))
+    fused = net(x[:, :-1], x[:, 1:], return_logits=False).lm_loss
+    g_fused = torch.autograd.grad(fused, list(net.parameters()), allow_unused=True)
+    plain = net(x[:, :-1], x[:, 1:], return_logits=True).lm_loss
+    g_plain = torch.autograd.grad(plain, list(net.parameters()), allow_unused=True)
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g_fused, g_plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
