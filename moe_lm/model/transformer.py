@@ -25,6 +25,7 @@ class ModelOutput:
     logits: torch.Tensor | None
     lm_loss: torch.Tensor | None
     moe_stats: list[MoEStats]
+    hidden: torch.Tensor | None = None  # (B, S, D) final normed hidden states (extra objectives)
 
 
 class RMSNorm(nn.Module):
@@ -67,14 +68,18 @@ class Attention(nn.Module):
         self.wkv = nn.Linear(cfg.d_model, 2 * cfg.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x_BSD: torch.Tensor, rope_SF2: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, rope_SF2: torch.Tensor, cache=None) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         q_BSHD = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim)
         k_BSGD, v_BSGD = self.wkv(x_BSD).view(B, S, 2, self.n_kv_heads, self.head_dim).unbind(2)
         q_BSHD, k_BSGD = apply_rotary(q_BSHD, rope_SF2), apply_rotary(k_BSGD, rope_SF2)
+        mask_ST = None
+        if cache is not None:  # generation: append to this layer's KV cache, attend to all of it
+            k_BSGD, v_BSGD, mask_ST = cache.update(k_BSGD, v_BSGD)
         y_BHSD = F.scaled_dot_product_attention(
             q_BSHD.transpose(1, 2), k_BSGD.transpose(1, 2), v_BSGD.transpose(1, 2),
-            is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads,
+            attn_mask=mask_ST, is_causal=mask_ST is None,
+            enable_gqa=self.n_kv_heads != self.n_heads,
         )
         return self.wo(y_BHSD.transpose(1, 2).reshape(B, S, -1))
 
@@ -91,8 +96,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MoE(cfg.d_model, expert_cfg, loss_cfg) if is_moe else SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
-    def forward(self, x_BSD: torch.Tensor, rope_SF2: torch.Tensor):
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), rope_SF2)
+    def forward(self, x_BSD: torch.Tensor, rope_SF2: torch.Tensor, cache=None):
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), rope_SF2, cache)
         if self.is_moe:
             mlp_out, stats = self.mlp(self.mlp_norm(x_BSD))
             return x_BSD + mlp_out, stats
@@ -140,26 +145,28 @@ class Transformer(nn.Module):
                 module.score_bias.zero_()
 
     def forward(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | None = None,
-                return_logits: bool = True) -> ModelOutput:
+                return_logits: bool = True, cache=None) -> ModelOutput:
+        """`cache` (moe_lm.inference.KVCache) continues a sequence from position `cache.length`."""
         S = tokens_BS.shape[1]
-        rope_SF2 = rotary_tables(S, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta,
-                                 tokens_BS.device)
+        start = 0 if cache is None else cache.length
+        rope_SF2 = rotary_tables(start + S, self.cfg.d_model // self.cfg.n_heads,
+                                 self.cfg.rope_theta, tokens_BS.device)[start:]
         x_BSD = self.embed(tokens_BS)
         stats: list[MoEStats] = []
-        for layer in self.layers:
-            x_BSD, layer_stats = layer(x_BSD, rope_SF2)
+        for i, layer in enumerate(self.layers):
+            x_BSD, layer_stats = layer(x_BSD, rope_SF2, None if cache is None else cache.layers[i])
             if layer_stats is not None:
                 stats.append(layer_stats)
         h_BSD = self.norm(x_BSD)
         if not return_logits and targets_BS is not None:  # training: never build (B*S, V) logits
             lm_loss = fused_linear_cross_entropy(h_BSD.flatten(0, 1), self.head_weight_VD,
                                                  targets_BS.flatten())
-            return ModelOutput(None, lm_loss, stats)
+            return ModelOutput(None, lm_loss, stats, h_BSD)
         logits_BSV = F.linear(h_BSD, self.head_weight_VD.to(h_BSD.dtype))
         lm_loss = None
         if targets_BS is not None:
             lm_loss = F.cross_entropy(logits_BSV.flatten(0, 1).float(), targets_BS.flatten())
-        return ModelOutput(logits_BSV, lm_loss, stats)
+        return ModelOutput(logits_BSV, lm_loss, stats, h_BSD)
 
 
 def count_params(cfg: ModelConfig, expert_cfg: ExpertConfig) -> dict[str, int]:
