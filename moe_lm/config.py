@@ -86,7 +86,7 @@ class OptimConfig:
 
     lr: float = 3e-3
     weight_decay: float = 0.1
-    warmup_steps: int = 30
+    warmup_steps: int = 20
     min_lr_ratio: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -95,13 +95,23 @@ class OptimConfig:
 
 
 @dataclass
+class RoutingMonitorConfig:
+    """The dead-expert / collapse detector (checked at each log) and the expert-load heatmaps."""
+
+    dead_frac: float = 0.1  # an expert whose load stays under this fraction of the mean ...
+    window: int = 50  # ... for this many steps is reported dead (console warning + wandb alert)
+    collapse_entropy: float = 0.5  # a layer whose load entropy / ln(E) stays under this: collapsed
+    heatmap: bool = True  # expert-load heatmap PNG (and wandb image) at each eval
+
+
+@dataclass
 class TrainerConfig:
     """The loop: length, cadence of logs/evals/checkpoints, device and precision."""
 
-    max_steps: int = 300
+    max_steps: int = 200
     stop_at: Optional[int] = None  # end early at this step; the schedule stays that of max_steps
     log_every: int = 10
-    eval_every: int = 100
+    eval_every: int = 50
     eval_batches: int = 8
     ckpt_every: int = 100
     keep_last: int = 2
@@ -112,6 +122,7 @@ class TrainerConfig:
     activation_checkpointing: str = "none"  # none | full | selective
     compile: bool = False
     dry_run: bool = False
+    monitor: RoutingMonitorConfig = field(default_factory=RoutingMonitorConfig)
 
 
 @dataclass
@@ -195,6 +206,12 @@ def validate(cfg: TrainConfig) -> None:
            "expert.router=expert_choice needs expert.capacity_factor > 0 (tokens per expert = "
            "capacity_factor * tokens * top_k / num_experts); set e.g. expert.capacity_factor=1.0.")
     _check(e.num_shared >= 0, "expert.num_shared must be >= 0.")
+    _check(0 <= e.jitter < 1, f"expert.jitter={e.jitter} must lie in [0, 1) (0 = off; e.g. 0.01).")
+    _check(e.bias_update_rate >= 0,
+           f"expert.bias_update_rate={e.bias_update_rate} must be >= 0 (0 = off; e.g. 0.001).")
+    _check(e.bias_update_rate == 0 or e.router != "expert_choice",
+           "expert.bias_update_rate > 0 (aux-loss-free balancing) does not apply to "
+           "expert.router=expert_choice, which is balanced by construction: set it to 0.")
     _check(cfg.loss.aux_type in ("switch", "sequence"),
            f"loss.aux_type={cfg.loss.aux_type!r}: choose switch or sequence.")
     _check(m.d_model % m.n_heads == 0,
@@ -211,6 +228,10 @@ def validate(cfg: TrainConfig) -> None:
     _check(min(t.log_every, t.eval_every, t.ckpt_every, t.keep_last, t.eval_batches) >= 1,
            "trainer.log_every, eval_every, ckpt_every, keep_last and eval_batches must be >= 1.")
     _check(t.device in ("auto", "cpu", "cuda"), f"trainer.device={t.device!r}: auto, cpu or cuda.")
+    _check(0 <= t.monitor.dead_frac < 1 and 0 <= t.monitor.collapse_entropy < 1
+           and t.monitor.window >= 1,
+           "trainer.monitor.dead_frac and collapse_entropy must lie in [0, 1) (0 turns a check "
+           "off) and trainer.monitor.window must be >= 1 step.")
     _check(t.precision in ("bf16", "fp32"), f"trainer.precision={t.precision!r}: bf16 or fp32.")
     _check(t.activation_checkpointing in ("none", "full", "selective"),
            "trainer.activation_checkpointing: none, full or selective.")
