@@ -59,7 +59,16 @@ class SwiGLU(nn.Module):
 
 
 class MoE(nn.Module):
-    """Top-k routed experts (+ optional shared experts), dropless or with a capacity factor."""
+    """Routed experts (+ optional shared experts).
+
+    Token choice (top-k) is dropless, or with `capacity_factor > 0` drops in training the
+    assignments past each expert's capacity (those tokens pass through the residual only).
+    Expert choice: each expert takes C tokens of the whole batch (see `Router`). Its routing of a
+    token depends on the other tokens of the batch, later positions included, so it is not causal:
+    the model can read the future through the routing in training, and autoregressive decoding
+    (one token at a time) routes differently from training. It has no balance loss (it is
+    balanced by construction); `dropped_frac` is the share of tokens no expert took.
+    """
 
     def __init__(self, d_model: int, cfg: ExpertConfig, loss_cfg: LossConfig):
         super().__init__()
@@ -74,10 +83,15 @@ class MoE(nn.Module):
         E, k = self.cfg.num_experts, self.cfg.top_k
         x_TD = x_BSD.reshape(B * S, D)
         routing = self.router(x_TD)
-        order_M, counts_E = self.backend.route(routing.expert_idx_Tk, E)
-        tokens_per_expert = counts_E
         dropped = x_TD.new_zeros((), dtype=torch.float32)
-        if self.cfg.capacity_factor > 0 and self.training:
+        if routing.order_M is not None:  # expert choice: the router already picked and sorted
+            order_M, counts_E = routing.order_M, routing.counts_E
+            k = E  # assignment t*E + e; the weights of unpicked ones are 0
+            dropped = (routing.weights_Tk == 0).all(-1).float().mean()  # tokens no expert took
+        else:
+            order_M, counts_E = self.backend.route(routing.expert_idx_Tk, E)
+        tokens_per_expert = counts_E
+        if self.cfg.capacity_factor > 0 and self.training and routing.order_M is None:
             capacity = math.ceil(self.cfg.capacity_factor * B * S * k / E)
             order_M, counts_E = drop_over_capacity(order_M, counts_E, capacity)
             dropped = 1.0 - order_M.numel() / (B * S * k)
@@ -89,8 +103,12 @@ class MoE(nn.Module):
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
         seq_len = S if self.loss_cfg.aux_type == "sequence" else None
+        if routing.order_M is not None:  # expert choice is balanced by construction
+            balance = routing.logits_TE.new_zeros(())
+        else:
+            balance = load_balance_loss(routing.probs_TE, routing.expert_idx_Tk, seq_len)
         stats = MoEStats(
-            aux_loss=load_balance_loss(routing.probs_TE, routing.expert_idx_Tk, seq_len),
+            aux_loss=balance,
             z_loss=z_loss(routing.logits_TE),
             tokens_per_expert=tokens_per_expert.detach(),
             dropped_frac=dropped,

@@ -21,6 +21,7 @@ from moe_lm.config import TrainConfig
 from moe_lm.data import TokenLoader, get_tokenizer, prepare
 from moe_lm.errors import MoeLMError
 from moe_lm.model import ModelOutput, Transformer
+from moe_lm.model.router import Router, update_score_bias
 from moe_lm.training import distributed as dist_utils
 from moe_lm.training.checkpoint import (
     check_identity,
@@ -28,7 +29,8 @@ from moe_lm.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from moe_lm.training.metrics import MetricsLogger, RoutingAccumulator
+from moe_lm.training.metrics import MetricsLogger, RoutingAccumulator, score_bias_metrics
+from moe_lm.training.routing_monitor import RoutingMonitor, heatmap_path
 from moe_lm.training.optim import build_optimizer, build_scheduler
 
 
@@ -110,6 +112,7 @@ class Trainer:
                                     rank=r, world_size=w)
         self.step, self.tokens_seen = 0, 0
         self.routing = RoutingAccumulator()
+        self.monitor = RoutingMonitor(cfg.trainer.monitor)
         self.stop_requested = False
 
     @property
@@ -144,6 +147,7 @@ class Trainer:
         start = time.time()
         self.model.train()
         sums = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "z_loss": 0.0}
+        step_loads: list[torch.Tensor] = []  # per MoE layer, tokens per expert over micro-steps
         for _ in range(t.grad_accum):
             batch = self.train_data.next_batch().to(self.device, non_blocking=True)
             with autocast_context(self.device, t.precision):
@@ -151,6 +155,8 @@ class Trainer:
                 parts = combine_losses(out, self.cfg)
             (parts.total / t.grad_accum).backward()
             self.routing.add(out.moe_stats)
+            step_loads = [s.tokens_per_expert + (step_loads[i] if step_loads else 0)
+                          for i, s in enumerate(out.moe_stats)]
             for key, value in zip(sums, (parts.total, parts.lm, parts.aux, parts.z)):
                 sums[key] += value.detach() / t.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
@@ -163,6 +169,7 @@ class Trainer:
                 "checkpoint.")
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
+        self.balance_routers(step_loads)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -192,6 +199,30 @@ class Trainer:
         val_loss = float(total / max(n, 1))
         return {"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
+    def routers(self) -> list[Router]:
+        """The MoE layers' routers, in layer order (the order of `ModelOutput.moe_stats`)."""
+        return [m for m in self.model.modules() if isinstance(m, Router)]
+
+    @torch.no_grad()
+    def balance_routers(self, loads: list[torch.Tensor]) -> None:
+        """aux_free: nudges each router's selection bias from this step's load over all ranks."""
+        rate = self.cfg.expert.bias_update_rate
+        if rate <= 0 or not loads:
+            return
+        load_LE = torch.stack(loads).float()
+        if dist_utils.is_initialized():
+            torch.distributed.all_reduce(load_LE)
+        for router, load_E in zip(self.routers(), load_LE):
+            update_score_bias(router, load_E, rate)
+
+    def plot_routing(self, logger: MetricsLogger) -> None:
+        """The expert-load heatmap PNG of the run so far, also sent to wandb (rank 0)."""
+        if not (self.cfg.trainer.monitor.heatmap and dist_utils.is_rank0()):
+            return
+        path = self.monitor.write_heatmap(heatmap_path(self.run_dir, self.step), self.step)
+        if path is not None:
+            logger.log_image("moe/expert_load_heatmap", path, self.step)
+
     def val_batches(self) -> Iterator[torch.Tensor]:
         return self.val_data.val_batches(self.cfg.trainer.eval_batches)
 
@@ -208,12 +239,17 @@ class Trainer:
                 row = self.train_step()
                 if self.step % t.log_every == 0 or self.step == end:
                     row.update(self.routing.metrics())
+                    if self.cfg.expert.bias_update_rate > 0:
+                        row.update(score_bias_metrics([r.score_bias for r in self.routers()]))
                     logger.log(row)
                     logger.console(row)
+                    for alert in self.monitor.observe(row):
+                        logger.alert(alert.title, alert.text)
                     self.routing.reset()
                 if self.step % t.eval_every == 0 or self.step == end:
                     last_eval = self.evaluate()
                     logger.log(last_eval), logger.console(last_eval)
+                    self.plot_routing(logger)
                 stopping = dist_utils.any_rank_true(self.stop_requested, self.device)
                 if self.step % t.ckpt_every == 0 or self.step == end or stopping:
                     self.save()

@@ -70,6 +70,16 @@ class RoutingAccumulator:
         return row
 
 
+def score_bias_metrics(biases: list[torch.Tensor]) -> dict[str, Any]:
+    """aux_free balancing: each MoE layer's per-expert selection bias and their largest |value|."""
+    if not biases:
+        return {}
+    row: dict[str, Any] = {f"moe/layer{i}/score_bias": [round(float(b), 6) for b in bias_E]
+                           for i, bias_E in enumerate(biases)}
+    row["moe/score_bias_absmax"] = max(float(b.abs().max()) for b in biases)
+    return row
+
+
 class MetricsLogger:
     """Writes rows to `<run>/metrics.jsonl` (appending on resume), the console and wandb."""
 
@@ -111,6 +121,14 @@ class MetricsLogger:
         print(f"step {step:>6}/{self.total_steps} | loss {row['loss']:.4f} | lm {row['lm_loss']:.4f}"
               f" | aux {row['aux_loss']:.3f}{moe} | lr {row['lr']:.2e} | "
               f"{row['tokens_per_s']:,.0f} tok/s | ETA {_fmt_time(eta)}", flush=True)
+
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        """Sends a PNG written to the run directory to wandb as an image at `step`."""
+        if not self.enabled or self.wandb_run is None:
+            return
+        import wandb
+
+        self.wandb_run.log({key: wandb.Image(str(path))}, step=step)
 
     def alert(self, title: str, text: str) -> None:
         """A warning that needs a human: console and a wandb alert."""
