@@ -16,6 +16,7 @@ from torch import nn
 from moe_lm.config import ExpertConfig, LossConfig
 from moe_lm.model.router import Router, load_balance_loss, router_entropy, z_loss
 from moe_lm.ops import get_backend
+from moe_lm.parallel.expert_parallel import local_tensor
 
 
 @dataclass
@@ -41,8 +42,10 @@ class Experts(nn.Module):
     def forward(self, x_MD: torch.Tensor, offs_E: torch.Tensor, backend) -> torch.Tensor:
         dtype = x_MD.dtype
         gmm = backend.grouped_mm
-        h_MF = F.silu(gmm(x_MD, self.w1_EDF.to(dtype), offs_E)) * gmm(x_MD, self.w3_EDF.to(dtype), offs_E)
-        return gmm(h_MF, self.w2_EFD.to(dtype), offs_E)  # (M, D)
+        # under expert parallelism the weights are DTensors split by expert: use this rank's block
+        w1, w3, w2 = (local_tensor(w).to(dtype) for w in (self.w1_EDF, self.w3_EDF, self.w2_EFD))
+        h_MF = F.silu(gmm(x_MD, w1, offs_E)) * gmm(x_MD, w3, offs_E)
+        return gmm(h_MF, w2, offs_E)  # (M, D)
 
 
 class SwiGLU(nn.Module):
@@ -77,6 +80,7 @@ class MoE(nn.Module):
         self.experts = Experts(cfg.num_experts, d_model, cfg.hidden_size)
         self.shared = SwiGLU(d_model, cfg.hidden_size * cfg.num_shared) if cfg.num_shared else None
         self.backend = get_backend(cfg.backend)
+        self.parallel = None  # a moe_lm.parallel.MoEParallel once parallelized across ranks
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         B, S, D = x_BSD.shape
@@ -98,13 +102,18 @@ class MoE(nn.Module):
             dropped = torch.tensor(dropped)
         offs_E = counts_E.cumsum(0).to(torch.int32)
         x_MD = self.backend.gather(x_TD, order_M, k)
-        y_MD = self.experts(x_MD, offs_E, self.backend)
+        if self.parallel is not None:  # experts may live on other ranks (expert parallel)
+            y_MD = self.parallel.run_experts(self.experts, x_MD, counts_E, self.backend)
+        else:
+            y_MD = self.experts(x_MD, offs_E, self.backend)
         out_TD = self.backend.scatter(y_MD, order_M, routing.weights_Tk.to(y_MD.dtype))
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
         seq_len = S if self.loss_cfg.aux_type == "sequence" else None
         if routing.order_M is not None:  # expert choice is balanced by construction
             balance = routing.logits_TE.new_zeros(())
+        elif self.parallel is not None and seq_len is None:  # f over the whole global batch
+            balance = self.parallel.balance_loss(routing.probs_TE, routing.expert_idx_Tk)
         else:
             balance = load_balance_loss(routing.probs_TE, routing.expert_idx_Tk, seq_len)
         stats = MoEStats(

@@ -1,0 +1,112 @@
+"""The device mesh: `parallel.dp_replicate x parallel.dp_shard x parallel.ep` ranks, checked first.
+
+Every rank works on its own slice of the batch, so the data-parallel degree is the whole world.
+Parameters are laid out over the mesh like this:
+
+    dense weights (attention, norms, embeddings, router, dense MLPs)
+        FSDP-sharded over dp_shard x ep (flattened), replicated over dp_replicate (HSDP)
+    expert weights (E, ., .)
+        split by expert over ep (rank i holds experts [i*E/ep, (i+1)*E/ep)), FSDP-sharded over
+        dp_shard, replicated over dp_replicate
+
+`validate_layout` runs before any process group or model exists, so a bad layout costs seconds,
+not a model allocation. `build_mesh` needs an initialised default process group (torchrun, or a
+fake one for planning) and returns None for a single process.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from moe_lm.config import ExpertConfig, ParallelConfig
+from moe_lm.errors import ConfigError
+
+MESH_DIMS = ("dp_replicate", "dp_shard", "ep")
+DENSE_SHARD_DIM = "dp_shard_ep"  # dp_shard and ep flattened: what dense weights shard over
+
+
+def mesh_shape(parallel: ParallelConfig) -> tuple[int, int, int]:
+    """(dp_replicate, dp_shard, ep), the mesh shape in MESH_DIMS order."""
+    return (parallel.dp_replicate, parallel.dp_shard, parallel.ep)
+
+
+def validate_layout(parallel: ParallelConfig, expert: ExpertConfig, world_size: int,
+                    device_type: str) -> None:
+    """Raises ConfigError (saying what to change) for a layout that cannot run on this world.
+
+    Checks: the mesh product equals the world size, the experts split evenly over `ep`, and no
+    CUDA-only setting is asked of a CPU run. Call it before allocating anything.
+    """
+    r, s, e = mesh_shape(parallel)
+    if min(r, s, e) < 1:
+        raise ConfigError(f"parallel.dp_replicate={r}, parallel.dp_shard={s} and parallel.ep={e} "
+                          "must all be >= 1.")
+    if r * s * e != world_size:
+        raise ConfigError(
+            f"The mesh parallel.dp_replicate={r} x parallel.dp_shard={s} x parallel.ep={e} = "
+            f"{r * s * e} ranks, but this run has {world_size} process(es). Make the product equal "
+            f"the world size (e.g. parallel.dp_shard={max(1, world_size // (r * e))} when it "
+            "divides), or launch that many processes with torchrun --nproc_per_node=N.")
+    if expert.num_experts % e != 0:
+        raise ConfigError(
+            f"expert.num_experts={expert.num_experts} is not divisible by parallel.ep={e}: each EP "
+            "rank must hold the same number of experts. Choose an EP degree that divides the "
+            "number of experts.")
+    if device_type != "cuda" and expert.backend == "megablocks":
+        raise ConfigError("expert.backend=megablocks needs CUDA, but this run is on "
+                          f"{device_type}: use expert.backend=torch (or triton) on CPU.")
+    if device_type == "cpu" and world_size > 1 and not dist.is_gloo_available():
+        raise ConfigError("Multi-process CPU training needs the gloo backend, which this torch "
+                          "build lacks: install a torch build with gloo, or run on GPUs (nccl).")
+
+
+def build_mesh(parallel: ParallelConfig, device_type: str,
+               expert: ExpertConfig | None = None) -> DeviceMesh | None:
+    """The 3-D DeviceMesh ("dp_replicate", "dp_shard", "ep") over the default process group.
+
+    Returns None for a single process (nothing to shard). Works with any backend, including
+    torch's fake process group (planning a large world inside one process). With `expert`, the
+    layout is validated first (see `validate_layout`).
+    """
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if expert is not None:
+        validate_layout(parallel, expert, world, device_type)
+    elif world != parallel.dp_replicate * parallel.dp_shard * parallel.ep:
+        raise ConfigError(f"The mesh {mesh_shape(parallel)} does not match the world size "
+                          f"{world}; make dp_replicate x dp_shard x ep equal it.")
+    if world == 1:
+        return None
+    mesh = init_device_mesh(device_type, mesh_shape(parallel), mesh_dim_names=MESH_DIMS)
+    mesh["dp_shard", "ep"]._flatten(DENSE_SHARD_DIM)  # created once, on every rank, together
+    return mesh
+
+
+def dense_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The FSDP mesh of dense weights: 1-D dp_shard x ep, or 2-D (dp_replicate, ...) for HSDP."""
+    with warnings.catch_warnings():  # slicing a flattened dim: still the documented way in 2.x
+        warnings.simplefilter("ignore", UserWarning)
+        if mesh["dp_replicate"].size() > 1:
+            return mesh["dp_replicate", DENSE_SHARD_DIM]
+        return mesh[DENSE_SHARD_DIM]
+
+
+def expert_fsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The FSDP mesh of expert weights (on top of their EP split): dp_shard, HSDP over dp_replicate."""
+    if mesh["dp_replicate"].size() > 1:
+        return mesh["dp_replicate", "dp_shard"]
+    return mesh["dp_shard"]
+
+
+def data_parallel_size(mesh: DeviceMesh | None) -> int:
+    """How many ranks split the batch: the whole mesh (every rank reads its own data)."""
+    return 1 if mesh is None else mesh.size()
+
+
+def device_type_for(device: torch.device | str) -> str:
+    """The DeviceMesh device type of a torch device (meta plans use cpu meshes)."""
+    kind = torch.device(device).type
+    return "cpu" if kind == "meta" else kind
