@@ -122,6 +122,7 @@ class TrainerConfig:
     activation_checkpointing: str = "none"  # none | full | selective
     compile: bool = False
     dry_run: bool = False
+    collective_timeout_s: float = 600.0  # a collective that waits longer fails the run, clearly
     monitor: RoutingMonitorConfig = field(default_factory=RoutingMonitorConfig)
 
 
@@ -172,6 +173,16 @@ def register_configs() -> None:
     """Registers the root schema so that every composed config is checked against TrainConfig."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    if not OmegaConf.has_resolver("run_start"):  # the default run dir: one per torchrun job
+        OmegaConf.register_new_resolver("run_start", _run_start, use_cache=True)
+
+
+def _run_start(pattern: str) -> str:
+    """`${run_start:%H-%M-%S}`: like Hydra's `${now:...}`, but every rank of a torchrun job
+    resolves the same start time, so all ranks share one run directory."""
+    from moe_lm.training.distributed import agreed_start_time
+
+    return agreed_start_time().strftime(pattern)
 
 
 def to_train_config(cfg: DictConfig | dict[str, Any]) -> TrainConfig:
@@ -238,6 +249,7 @@ def validate(cfg: TrainConfig) -> None:
     _check(d.seq_len >= 2 and d.batch_size >= 1, "data.seq_len >= 2 and data.batch_size >= 1.")
     _check(0 < d.val_fraction < 0.5, "data.val_fraction must lie in (0, 0.5).")
     _check(min(p.dp_shard, p.ep, p.dp_replicate) >= 1, "parallel degrees must be >= 1.")
+    _check(t.collective_timeout_s > 0, "trainer.collective_timeout_s must be > 0 (seconds).")
     _check(e.num_experts % p.ep == 0,
            f"expert.num_experts={e.num_experts} is not divisible by parallel.ep={p.ep}: "
            "choose an EP degree that divides the number of experts.")

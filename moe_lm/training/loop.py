@@ -19,9 +19,10 @@ import torch
 
 from moe_lm.config import TrainConfig
 from moe_lm.data import TokenLoader, get_tokenizer, prepare
-from moe_lm.errors import MoeLMError
+from moe_lm.errors import CheckpointError, MoeLMError
 from moe_lm.model import ModelOutput, Transformer
 from moe_lm.model.router import Router, update_score_bias
+from moe_lm.parallel import build_mesh, clip_grad_norm_, init_on_device, parallelize, validate_layout
 from moe_lm.training import distributed as dist_utils
 from moe_lm.training.checkpoint import (
     check_identity,
@@ -91,6 +92,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path):
         self.run_dir = Path(run_dir)
         self.device = resolve_device(cfg.trainer.device)
+        validate_layout(cfg.parallel, cfg.expert, dist_utils.world_size(), self.device.type)
         torch.manual_seed(cfg.trainer.seed)
         tokenizer = get_tokenizer(cfg.data.tokenizer)
         shard_dir = prepare(cfg.data, tokenizer)
@@ -101,8 +103,11 @@ class Trainer:
                              f"{tokenizer.name}'s {tokenizer.n_vocab} tokens: set it to 0 (take the "
                              "tokenizer's) or at least that.")
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.model = Transformer(cfg.model, cfg.expert, cfg.loss).to(self.device)
-        self.model.init_weights()
+        self.mesh = build_mesh(cfg.parallel, self.device.type, cfg.expert)  # None: one process
+        with torch.device("meta"):  # shapes only: each rank then allocates just its own shards
+            self.model = Transformer(cfg.model, cfg.expert, cfg.loss)
+        parallelize(self.model, self.mesh, cfg)
+        init_on_device(self.model, self.device, cfg.trainer.seed)  # same values for any layout
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
         d, r, w = cfg.data, dist_utils.rank(), dist_utils.world_size()
@@ -128,6 +133,7 @@ class Trainer:
             check_identity(ckpt, self.identity)
             state = load_checkpoint(ckpt, self.model, self.optimizer)
             self.scheduler.load_state_dict(state["scheduler"])
+            self.check_batch_layout(state, ckpt.path)
             self.train_data.load_state_dict(state["data"])
             self.step, self.tokens_seen = state["step"], state["tokens"]
             if dist_utils.is_rank0():
@@ -135,9 +141,26 @@ class Trainer:
             return True
         return False
 
+    @property
+    def windows_per_batch(self) -> int:
+        """Sequences one loader position spans over all ranks (data.batch_size x world size)."""
+        return self.cfg.data.batch_size * dist_utils.world_size()
+
+    def check_batch_layout(self, state: dict[str, Any], path: Path) -> None:
+        """A checkpoint's data position counts global batches: they must stay the same size."""
+        saved = state.get("windows_per_batch", self.windows_per_batch)
+        if saved != self.windows_per_batch:
+            raise CheckpointError(
+                f"The checkpoint {path} was saved with {saved} sequences per step over all ranks, "
+                f"this run has {self.windows_per_batch} (data.batch_size="
+                f"{self.cfg.data.batch_size} x {dist_utils.world_size()} rank(s)); its data "
+                "position would point elsewhere. Set data.batch_size so that data.batch_size x "
+                f"world size = {saved} to resume it under this layout.")
+
     def save(self) -> None:
         state = {"step": self.step, "tokens": self.tokens_seen,
-                 "scheduler": self.scheduler.state_dict(), "data": self.train_data.state_dict()}
+                 "scheduler": self.scheduler.state_dict(), "data": self.train_data.state_dict(),
+                 "windows_per_batch": self.windows_per_batch}
         save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, self.identity,
                         self.cfg.trainer.keep_last)
 
@@ -159,7 +182,7 @@ class Trainer:
                           for i, s in enumerate(out.moe_stats)]
             for key, value in zip(sums, (parts.total, parts.lm, parts.aux, parts.z)):
                 sums[key] += value.detach() / t.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)  # global
         bad = not (math.isfinite(float(sums["loss"])) and math.isfinite(float(grad_norm)))
         if dist_utils.any_rank_true(bad, self.device):
             raise TrainingError(
@@ -177,7 +200,7 @@ class Trainer:
         step_tokens = t.grad_accum * d.batch_size * d.seq_len * dist_utils.world_size()
         self.tokens_seen += step_tokens
         elapsed = time.time() - start
-        row = {"step": self.step, **{k: float(v) for k, v in sums.items()}, "lr": lr,
+        row = {"step": self.step, **dist_utils.mean_over_ranks(sums, self.device), "lr": lr,
                "grad_norm": float(grad_norm), "tokens": self.tokens_seen,
                "tokens_per_s": step_tokens / max(elapsed, 1e-9), "step_time": elapsed}
         return row
@@ -280,12 +303,32 @@ def _sigterm_flag(trainer: Trainer):
 
 
 def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
-    """Builds everything, resumes if the run directory holds a checkpoint, trains, logs."""
-    trainer = Trainer(cfg, run_dir)
-    trainer.resume_if_possible()
-    total = cfg.trainer.stop_at or cfg.trainer.max_steps
-    logger = MetricsLogger(run_dir, trainer.cfg, total)
+    """Builds everything, resumes if the run directory holds a checkpoint, trains, logs.
+
+    Under torchrun it first checks the layout against the world size, then joins the process
+    group (and leaves it at the end, also after an error).
+    """
+    device_type = resolve_device(cfg.trainer.device).type
+    validate_layout(cfg.parallel, cfg.expert, dist_utils.launched_world_size()
+                    if not dist_utils.is_initialized() else dist_utils.world_size(), device_type)
+    created = dist_utils.init_from_env(device_type, cfg.trainer.collective_timeout_s)
     try:
-        return trainer.fit(logger)
+        trainer = Trainer(cfg, run_dir)
+        trainer.resume_if_possible()
+        total = cfg.trainer.stop_at or cfg.trainer.max_steps
+        logger = MetricsLogger(run_dir, trainer.cfg, total)
+        try:
+            return trainer.fit(logger)
+        finally:
+            logger.close()
+    except Exception as err:
+        if dist_utils.is_initialized() and dist_utils.is_timeout(err):
+            raise TrainingError(
+                f"A collective on rank {dist_utils.rank()} waited longer than "
+                f"trainer.collective_timeout_s={cfg.trainer.collective_timeout_s}: another rank "
+                "died, hangs or runs different code. Check the other ranks' logs; raise the "
+                f"timeout only if a step legitimately takes that long. ({err})") from err
+        raise
     finally:
-        logger.close()
+        if created:
+            dist_utils.shutdown()
