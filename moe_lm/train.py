@@ -6,15 +6,18 @@ run directory's `.hydra/` (never over a resumed run's), and hands over to the tr
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from moe_lm.config import register_configs, to_train_config
 from moe_lm.errors import MoeLMError
+from moe_lm.launch import job_status, slurm
 from moe_lm.training import distributed as dist_utils
 
 register_configs()
@@ -36,21 +39,67 @@ def write_run_config(run_dir: Path, cfg: DictConfig) -> None:
     OmegaConf.save(OmegaConf.create(overrides), hydra_dir / "overrides.yaml")
 
 
+def name_sweep_job(cfg: DictConfig) -> None:
+    """Names a sweep job for wandb: group = its sweep, name = its overrides (unless set)."""
+    hc = HydraConfig.get()
+    if cfg.logger.wandb.group is None:
+        cfg.logger.wandb.group = job_status.wandb_group(hc.sweep.dir)
+    if cfg.logger.wandb.name is None:
+        cfg.logger.wandb.name = job_status.wandb_job_name(hc.job.override_dirname, hc.job.num)
+
+
+def torchrun_args(cfg: DictConfig) -> list[str]:
+    """The overrides a SLURM job's torchrun workers get: the job's own plus its wandb identity."""
+    named = ("logger.wandb.group=", "logger.wandb.name=")
+    task = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith(named)]
+    w = cfg.logger.wandb
+    return task + [f"logger.wandb.{k}={slurm.hydra_string(v)}"
+                   for k, v in (("group", w.group), ("name", w.name)) if v is not None]
+
+
 @hydra.main(version_base="1.3", config_path="pkg://moe_lm.conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """Trains one run; returns the final validation loss (what optimising sweepers minimise)."""
+    """Trains one run; returns the final validation loss (what optimising sweepers minimise).
+
+    Every run records how it ended in `<run>/status.json`. In a sweep (`-m`) a failing job raises
+    after recording its error, so Hydra still runs the sweep's other jobs, then exits non-zero.
+    """
     from moe_lm.training.loop import run_training  # after Hydra has parsed the command line
 
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    sweep = hc.mode == RunMode.MULTIRUN
+    first = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+    if sweep:
+        name_sweep_job(cfg)
+    if first:
+        job_status.start_job(run_dir, list(hc.overrides.task), hc.job.num if sweep else None)
     try:
         train_cfg = to_train_config(cfg)
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        if sweep and slurm.needs_torchrun(os.environ, hc.launcher.get("_target_")):
+            return slurm.run_job_under_torchrun(str(run_dir), torchrun_args(cfg), os.environ,
+                                                hc.launcher.get("gpus_per_node"))
         write_run_config(run_dir, cfg)
         result = run_training(train_cfg, run_dir)
-    except MoeLMError as err:
+    except Exception as err:
+        if first:
+            job_status.fail_job(run_dir, err)
+        if not isinstance(err, MoeLMError):
+            raise
         print(f"moe_lm: error: {err}", file=sys.stderr, flush=True)
+        if sweep:
+            raise  # Hydra lists the failed job and runs the rest of the sweep
         sys.exit(2)
+    if first:
+        t = train_cfg.trainer
+        job_status.finish_job(run_dir, result, t.stop_at or t.max_steps)
     return result.get("val_loss")
 
 
 if __name__ == "__main__":
+    try:
+        slurm.check_launcher_plugin(sys.argv[1:])
+    except MoeLMError as err:
+        print(f"moe_lm: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
     main()
