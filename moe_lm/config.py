@@ -56,6 +56,11 @@ class LossConfig:
     aux_coef: float = 0.01  # load-balancing loss
     aux_type: str = "switch"  # switch (per batch) | sequence (per sequence)
     z_coef: float = 0.001  # router z-loss
+    distill_coef: float = 0.0  # > 0: add T^2 * KL(teacher || student) (knowledge distillation)
+    distill_teacher: Optional[str] = None  # the teacher: a run directory or checkpoint directory
+    distill_temperature: float = 2.0  # T, softens both distributions
+    mtp_coef: float = 0.0  # > 0: add the multi-token prediction loss with this weight
+    mtp_depth: int = 1  # extra future tokens predicted (one MTP module each)
 
 
 @dataclass
@@ -225,6 +230,15 @@ def validate(cfg: TrainConfig) -> None:
            "expert.router=expert_choice, which is balanced by construction: set it to 0.")
     _check(cfg.loss.aux_type in ("switch", "sequence"),
            f"loss.aux_type={cfg.loss.aux_type!r}: choose switch or sequence.")
+    lc = cfg.loss
+    _check(lc.distill_coef >= 0 and lc.mtp_coef >= 0,
+           "loss.distill_coef and loss.mtp_coef must be >= 0 (0 turns the objective off).")
+    _check(lc.distill_coef == 0 or bool(lc.distill_teacher),
+           "loss.distill_coef > 0 needs a teacher: set loss.distill_teacher=<run dir or checkpoint "
+           "of a trained model with the same tokenizer>.")
+    _check(lc.distill_temperature > 0, "loss.distill_temperature must be > 0.")
+    _check(lc.mtp_depth >= 1 and lc.mtp_depth < d.seq_len,
+           f"loss.mtp_depth={lc.mtp_depth} must be >= 1 and below data.seq_len={d.seq_len}.")
     _check(m.d_model % m.n_heads == 0,
            f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}.")
     _check((m.d_model // m.n_heads) % 2 == 0, "model.d_model / model.n_heads must be even (rotary).")

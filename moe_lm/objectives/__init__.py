@@ -1,0 +1,71 @@
+"""Extra training objectives added to the LM loss: knowledge distillation and multi-token
+prediction. `ExtraObjectives` is what the training loop calls; both are off by default
+(`loss.distill_coef = 0`, `loss.mtp_coef = 0`) and cost nothing then.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_lm.config import TrainConfig
+from moe_lm.errors import ConfigError
+from moe_lm.model import ModelOutput, Transformer
+from moe_lm.objectives.distill import distill_kl
+from moe_lm.objectives.mtp import MTPHeads
+
+__all__ = ["ExtraObjectives", "MTPHeads", "distill_kl"]
+
+
+class ExtraObjectives:
+    """Builds what the configured objectives need (a frozen teacher, MTP modules on the model)
+    and computes their losses for a batch.
+
+    Must be constructed before the optimizer: MTP modules are attached to `model` as `model.mtp`.
+    """
+
+    def __init__(self, cfg: TrainConfig, model: Transformer, device: torch.device,
+                 tokenizer_name: str):
+        self.loss_cfg = cfg.loss
+        self.teacher: Transformer | None = None
+        self.mtp: MTPHeads | None = None
+        if cfg.loss.distill_coef > 0:
+            from moe_lm.inference import load_model  # the teacher is a trained checkpoint
+            teacher = load_model(cfg.loss.distill_teacher, device=device.type,
+                                 backend=cfg.expert.backend)
+            if teacher.tokenizer.name != tokenizer_name:
+                raise ConfigError(f"The teacher {cfg.loss.distill_teacher} uses tokenizer "
+                                  f"{teacher.tokenizer.name}, the student {tokenizer_name}: "
+                                  "distillation needs the same tokenizer (data.tokenizer).")
+            if teacher.cfg.model.vocab_size != cfg.model.vocab_size:
+                raise ConfigError(f"The teacher's model.vocab_size ({teacher.cfg.model.vocab_size})"
+                                  f" differs from the student's ({cfg.model.vocab_size}); set the "
+                                  "student's model.vocab_size to match.")
+            self.teacher = teacher.model.requires_grad_(False).eval()
+        if cfg.loss.mtp_coef > 0:
+            self.mtp = MTPHeads(cfg.model, cfg.expert, cfg.loss, cfg.loss.mtp_depth).to(device)
+            model.mtp = self.mtp
+
+    @property
+    def active(self) -> bool:
+        return self.teacher is not None or self.mtp is not None
+
+    def __call__(self, model: Transformer, batch_BS1: torch.Tensor,
+                 out: ModelOutput) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """(weighted sum of the extra losses or None, {metric name: unweighted value})."""
+        if not self.active:
+            return None, {}
+        logs: dict[str, torch.Tensor] = {}
+        total = out.lm_loss.new_zeros(())
+        if self.teacher is not None:
+            T = self.loss_cfg.distill_temperature
+            with torch.no_grad():
+                teacher_out = self.teacher(batch_BS1[:, :-1], batch_BS1[:, 1:], return_logits=False)
+            kl = distill_kl(out.hidden.flatten(0, 1), model.head_weight_VD,
+                            teacher_out.hidden.flatten(0, 1), self.teacher.head_weight_VD, T)
+            total = total + self.loss_cfg.distill_coef * T * T * kl
+            logs["distill_kl"] = kl
+        if self.mtp is not None:
+            mtp_loss = self.mtp.loss(model, batch_BS1, out.hidden)
+            total = total + self.loss_cfg.mtp_coef * mtp_loss
+            logs["mtp_loss"] = mtp_loss
+        return total, logs
