@@ -12,6 +12,7 @@ from moe_lm.errors import ConfigError
 from moe_lm.model import ModelOutput, Transformer
 from moe_lm.objectives.distill import distill_kl
 from moe_lm.objectives.mtp import MTPHeads
+from moe_lm.training import distributed as dist_utils
 
 __all__ = ["ExtraObjectives", "MTPHeads", "distill_kl"]
 
@@ -42,6 +43,10 @@ class ExtraObjectives:
                                   "student's model.vocab_size to match.")
             self.teacher = teacher.model.requires_grad_(False).eval()
         if cfg.loss.mtp_coef > 0:
+            if dist_utils.world_size() > 1:
+                raise ConfigError("loss.mtp_coef > 0 runs in a single process for now (the MTP "
+                                  "modules are not sharded or all-reduced): train it without "
+                                  "torchrun, or set loss.mtp_coef=0.")
             self.mtp = MTPHeads(cfg.model, cfg.expert, cfg.loss, cfg.loss.mtp_depth).to(device)
             model.mtp = self.mtp
 

@@ -21,6 +21,7 @@ from moe_lm.config import TrainConfig
 from moe_lm.data import TokenLoader, get_tokenizer, prepare
 from moe_lm.errors import CheckpointError, MoeLMError
 from moe_lm.model import ModelOutput, Transformer
+from moe_lm.objectives import ExtraObjectives
 from moe_lm.model.router import Router, update_score_bias
 from moe_lm.parallel import build_mesh, clip_grad_norm_, init_on_device, parallelize, validate_layout
 from moe_lm.training import distributed as dist_utils
@@ -108,6 +109,8 @@ class Trainer:
             self.model = Transformer(cfg.model, cfg.expert, cfg.loss)
         parallelize(self.model, self.mesh, cfg)
         init_on_device(self.model, self.device, cfg.trainer.seed)  # same values for any layout
+        # distillation teacher / MTP modules (attached as model.mtp, so before the optimizer)
+        self.objectives = ExtraObjectives(cfg, self.model, self.device, tokenizer.name)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
         d, r, w = cfg.data, dist_utils.rank(), dist_utils.world_size()
@@ -176,12 +179,16 @@ class Trainer:
             with autocast_context(self.device, t.precision):
                 out = self.model(batch[:, :-1], batch[:, 1:], return_logits=False)
                 parts = combine_losses(out, self.cfg)
-            (parts.total / t.grad_accum).backward()
+                extra_loss, extra_logs = self.objectives(self.model, batch, out)
+            total = parts.total if extra_loss is None else parts.total + extra_loss
+            (total / t.grad_accum).backward()
             self.routing.add(out.moe_stats)
             step_loads = [s.tokens_per_expert + (step_loads[i] if step_loads else 0)
                           for i, s in enumerate(out.moe_stats)]
-            for key, value in zip(sums, (parts.total, parts.lm, parts.aux, parts.z)):
+            for key, value in zip(sums, (total, parts.lm, parts.aux, parts.z)):
                 sums[key] += value.detach() / t.grad_accum
+            for key, value in extra_logs.items():  # distill_kl, mtp_loss
+                sums[key] = sums.get(key, 0.0) + value.detach() / t.grad_accum
         grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)  # global
         bad = not (math.isfinite(float(sums["loss"])) and math.isfinite(float(grad_norm)))
         if dist_utils.any_rank_true(bad, self.device):
