@@ -7,6 +7,7 @@ run directory's `.hydra/` (never over a resumed run's), and hands over to the tr
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -90,9 +91,14 @@ def main(cfg: DictConfig) -> float | None:
         if sweep:
             raise  # Hydra lists the failed job and runs the rest of the sweep
         sys.exit(2)
+    t = train_cfg.trainer
+    stopped = int(result.get("step", 0)) < (t.stop_at or t.max_steps)
     if first:
-        t = train_cfg.trainer
         job_status.finish_job(run_dir, result, t.stop_at or t.max_steps)
+    if sweep and stopped:  # SIGTERM ends the whole sweep, not just this job
+        print(f"moe_lm: SIGTERM: the sweep stops at job {hc.job.num}; run the same command with "
+              f"hydra.sweep.dir={hc.sweep.dir} to resume its jobs.", file=sys.stderr, flush=True)
+        sys.exit(128 + signal.SIGTERM)
     return result.get("val_loss")
 
 

@@ -69,11 +69,15 @@ def start_job(run_dir: Path, overrides: list[str], job_num: Optional[int]) -> No
     write_status(run_dir, "running", **fields)
 
 
-def finish_job(run_dir: Path, result: dict[str, Any], end_step: int) -> None:
-    """Records a run that returned: `completed` at `end_step`, `stopped` before it (SIGTERM)."""
+def finish_job(run_dir: Path, result: dict[str, Any], end_step: int) -> str:
+    """Records a run that returned: `completed` at `end_step`, `stopped` before it (SIGTERM).
+
+    Returns the status written.
+    """
     step = int(result.get("step", 0))
-    write_status(run_dir, "completed" if step >= end_step else "stopped", step=step,
-                 val_loss=result.get("val_loss"), finished=time.time())
+    status = "completed" if step >= end_step else "stopped"
+    write_status(run_dir, status, step=step, val_loss=result.get("val_loss"), finished=time.time())
+    return status
 
 
 def fail_job(run_dir: Path, err: BaseException) -> None:
