@@ -149,6 +149,18 @@ class LoggerConfig:
 
 
 @dataclass
+class PlanConfig:
+    """What `python -m moe_lm.plan` plans for: the target accelerator and throughput assumptions."""
+
+    device: str = "cuda"  # the device type the run will use (cuda | cpu)
+    gpu_memory_gb: float = 80.0  # memory of one accelerator (H100 SXM: 80 GB)
+    memory_headroom: float = 0.1  # share kept free (CUDA context, NCCL, fragmentation)
+    peak_tflops: float = 989.0  # dense bf16 peak of one accelerator (H100 SXM: 989 TFLOP/s)
+    mfu: float = 0.4  # model FLOPs utilisation assumed for step time and time-to-train
+    gpus_per_node: int = 8  # for the launch command (torchrun --nproc_per_node)
+
+
+@dataclass
 class TrainConfig:
     """The whole run."""
 
@@ -160,6 +172,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 GROUP_SCHEMAS = {
@@ -171,6 +184,7 @@ GROUP_SCHEMAS = {
     "optim": OptimConfig,
     "trainer": TrainerConfig,
     "logger": LoggerConfig,
+    "plan": PlanConfig,
 }
 
 
@@ -267,6 +281,13 @@ def validate(cfg: TrainConfig) -> None:
     _check(e.num_experts % p.ep == 0,
            f"expert.num_experts={e.num_experts} is not divisible by parallel.ep={p.ep}: "
            "choose an EP degree that divides the number of experts.")
+    pl = cfg.plan
+    _check(pl.device in ("cuda", "cpu"), f"plan.device={pl.device!r}: cuda or cpu.")
+    _check(pl.gpu_memory_gb > 0 and pl.peak_tflops > 0 and pl.gpus_per_node >= 1,
+           "plan.gpu_memory_gb, plan.peak_tflops and plan.gpus_per_node must be > 0.")
+    _check(0 < pl.mfu <= 1 and 0 <= pl.memory_headroom < 1,
+           f"plan.mfu={pl.mfu} must lie in (0, 1] and plan.memory_headroom="
+           f"{pl.memory_headroom} in [0, 1).")
     _check(cfg.logger.wandb.mode in ("online", "offline", "disabled"),
            "logger.wandb.mode: online, offline or disabled.")
 
