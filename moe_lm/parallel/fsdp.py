@@ -73,7 +73,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: TrainConfig) -> 
                 # each rank's expert gradient already sums the tokens of its EP group: divide
                 # the FSDP sum over the remaining ranks by the whole data-parallel world
                 moe.experts.set_gradient_divide_factor(float(world))
-                if sum_only:
+                if sum_only and dp_shard > 1:  # (with one shard torch already divides once)
                     moe.experts.set_force_sum_reduction_for_comms(True)
             moe.parallel = MoEParallel(moe.cfg.num_experts, dist.group.WORLD, ep_group)
         fully_shard(block, mesh=dense_mesh(mesh), mp_policy=mp)
