@@ -101,7 +101,7 @@ class MoE(nn.Module):
             dropped = 1.0 - order_M.numel() / (B * S * k)
             dropped = torch.tensor(dropped)
         offs_E = counts_E.cumsum(0).to(torch.int32)
-        x_MD = self.backend.gather(x_TD, order_M, k)
+        x_MD = self.backend.gather(x_TD.to(compute_dtype(x_TD)), order_M, k)
         if self.parallel is not None:  # experts may live on other ranks (expert parallel)
             y_MD = self.parallel.run_experts(self.experts, x_MD, counts_E, self.backend)
         else:
@@ -124,6 +124,15 @@ class MoE(nn.Module):
             entropy=router_entropy(routing.probs_TE.detach()),
         )
         return out_TD.reshape(B, S, D), stats
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the experts run in: autocast's where autocast is on (grouped GEMMs are not
+    autocast ops, so an fp32 residual stream would otherwise run them in fp32), else x's."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type) and x.is_floating_point():
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
 
 
 def drop_over_capacity(order_M: torch.Tensor, counts_E: torch.Tensor,
