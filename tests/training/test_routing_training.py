@@ -61,3 +61,33 @@ def test_detector_alert_reaches_the_console_from_a_real_run(tmp_path, tiny_overr
                                         "trainer.monitor.window=2"])
     out = capsys.readouterr().out
     assert "WARNING: dead expert: layer 0 expert" in out and "loss.aux_coef" in out
+
+
+def test_aux_free_bias_is_saved_and_restored_with_the_checkpoint(tmp_path):
+    import torch
+
+    from moe_lm.config import ExpertConfig, LossConfig, ModelConfig, OptimConfig
+    from moe_lm.model import Transformer
+    from moe_lm.model.router import Router
+    from moe_lm.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+    from moe_lm.training.optim import build_optimizer
+
+    def model_and_optimizer():
+        cfg = ModelConfig(n_layers=3, d_model=32, n_heads=2, n_kv_heads=1, ffn_hidden=32,
+                          vocab_size=64)
+        model = Transformer(cfg, ExpertConfig(num_experts=4, hidden_size=16, router="sigmoid",
+                                              bias_update_rate=0.001), LossConfig())
+        model.init_weights()
+        return model, build_optimizer(model, OptimConfig())
+
+    model, optimizer = model_and_optimizer()
+    routers = [m for m in model.modules() if isinstance(m, Router)]
+    for i, router in enumerate(routers):
+        router.score_bias.copy_(torch.tensor([0.003, -0.001, 0.0, -0.002]) * (i + 1))
+    save_checkpoint(tmp_path, 7, model, optimizer, {"step": 7}, {}, keep_last=1)
+    fresh, fresh_optimizer = model_and_optimizer()
+    load_checkpoint(list_checkpoints(tmp_path)[0], fresh, fresh_optimizer)
+    restored = [m.score_bias for m in fresh.modules() if isinstance(m, Router)]
+    assert len(restored) == 2
+    for a, b in zip(restored, routers):
+        torch.testing.assert_close(a, b.score_bias)
