@@ -74,7 +74,7 @@ def score_bias_metrics(biases: list[torch.Tensor]) -> dict[str, Any]:
     """aux_free balancing: each MoE layer's per-expert selection bias and their largest |value|."""
     if not biases:
         return {}
-    row: dict[str, Any] = {f"moe/layer{i}/score_bias": [round(float(b), 6) for b in bias_E]
+    row: dict[str, Any] = {f"moe/layer{i}/score_bias": [float(b) for b in bias_E]
                            for i, bias_E in enumerate(biases)}
     row["moe/score_bias_absmax"] = max(float(b.abs().max()) for b in biases)
     return row
