@@ -46,11 +46,13 @@ def validate_layout(parallel: ParallelConfig, expert: ExpertConfig, world_size: 
         raise ConfigError(f"parallel.dp_replicate={r}, parallel.dp_shard={s} and parallel.ep={e} "
                           "must all be >= 1.")
     if r * s * e != world_size:
+        hint = (f" (e.g. parallel.dp_shard={world_size // (r * e)})"
+                if world_size % (r * e) == 0 else "")
         raise ConfigError(
             f"The mesh parallel.dp_replicate={r} x parallel.dp_shard={s} x parallel.ep={e} = "
             f"{r * s * e} ranks, but this run has {world_size} process(es). Make the product equal "
-            f"the world size (e.g. parallel.dp_shard={max(1, world_size // (r * e))} when it "
-            "divides), or launch that many processes with torchrun --nproc_per_node=N.")
+            f"the world size{hint}, or launch {r * s * e} processes (torchrun "
+            f"--nproc_per_node=N, x nodes).")
     if expert.num_experts % e != 0:
         raise ConfigError(
             f"expert.num_experts={expert.num_experts} is not divisible by parallel.ep={e}: each EP "

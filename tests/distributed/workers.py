@@ -1,0 +1,77 @@
+"""What the spawned ranks of the distributed tests run (importable, so spawn can find it)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import torch
+
+from moe_lm.config import ExpertConfig, ModelConfig, ParallelConfig, TrainConfig, TrainerConfig
+from moe_lm.model import Transformer
+from moe_lm.parallel import build_mesh, init_on_device, parallelize
+from moe_lm.training import distributed as dist_utils
+from moe_lm.training import loop
+from tests.training.helpers import train_in_process
+
+
+def _sabotage(rank: int, mode: str, at_step: int, seconds: float) -> None:
+    """Makes rank 1 misbehave at its `at_step`-th training micro-step (grad_accum=1)."""
+    if rank != 1 or mode == "none":
+        return
+    original, calls = loop.combine_losses, [0]
+
+    def combine_losses(out, cfg):
+        parts = original(out, cfg)
+        calls[0] += 1
+        if calls[0] == at_step:
+            if mode == "nan":
+                parts.total = parts.total * float("nan")
+            elif mode == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
+            elif mode == "stall":
+                time.sleep(seconds)
+        return parts
+
+    loop.combine_losses = combine_losses
+
+
+def train_rank(rank: int, run_dir: str, overrides: list[str], mode: str = "none",
+               at_step: int = 0, seconds: float = 0.0) -> float | None:
+    """One rank of a training run through the real entry path (joins the group from env://)."""
+    _sabotage(rank, mode, at_step, seconds)
+    return train_in_process(run_dir, overrides).get("val_loss")
+
+
+def tiny_config(parallel: ParallelConfig) -> TrainConfig:
+    model = ModelConfig(n_layers=3, d_model=32, n_heads=4, n_kv_heads=2, ffn_hidden=48,
+                        vocab_size=300, n_dense_layers=1)
+    return TrainConfig(model=model, expert=ExpertConfig(num_experts=4, hidden_size=24),
+                       parallel=parallel, trainer=TrainerConfig(seed=7))
+
+
+def init_rank(rank: int, layouts: list[tuple[int, int, int]]) -> dict:
+    """Per layout: the largest difference between the gathered per-rank init and the
+    single-process init, and the largest share of any full tensor one rank allocated."""
+    dist_utils.init_from_env("cpu", timeout_s=60)
+    reference = init_on_device(
+        Transformer(*_parts(tiny_config(ParallelConfig()))), "cpu", seed=7).state_dict()
+    report = {}
+    for r, s, e in layouts:
+        cfg = tiny_config(ParallelConfig(dp_replicate=r, dp_shard=s, ep=e))
+        mesh = build_mesh(cfg.parallel, "cpu", cfg.expert)
+        with torch.device("meta"):
+            model = Transformer(*_parts(cfg))
+        parallelize(model, mesh, cfg)
+        init_on_device(model, "cpu", seed=7)
+        diff, share = 0.0, 0.0
+        for name, p in model.named_parameters():
+            share = max(share, p.to_local().numel() / p.numel())
+            diff = max(diff, (p.full_tensor() - reference[name]).abs().max().item())
+        report[f"{r}x{s}x{e}"] = {"max_diff": diff, "max_share": share}
+    return report
+
+
+def _parts(cfg: TrainConfig):
+    return cfg.model, cfg.expert, cfg.loss
