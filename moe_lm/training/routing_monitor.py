@@ -146,7 +146,8 @@ def write_load_heatmap(path: Path, rel_NLE: np.ndarray, steps: list[int], step: 
     now_ax, time_ax = fig.subplots(1, 2, width_ratios=[1, 2])
     image = now_ax.imshow(rel_NLE[-1], aspect="auto", cmap="RdBu_r", norm=norm,
                           interpolation="nearest")
-    now_ax.set(title=f"expert load / mean, steps to {steps[-1]}", xlabel="expert",
+    first = steps[-2] + 1 if N > 1 else 1
+    now_ax.set(title=f"expert load / mean, steps {first}-{steps[-1]}", xlabel="expert",
                ylabel="MoE layer")
     if L <= 64:
         now_ax.set_yticks(range(L))
