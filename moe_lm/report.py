@@ -212,32 +212,44 @@ def _fmt(value: Optional[float], spec: str) -> str:
 
 
 def plot(jobs: list[JobReport], path: Path, title: str) -> None:
-    """Validation loss against step, one line per job (dashed: jobs that did not complete)."""
+    """Validation loss against step, one line per job (dashed: jobs that did not complete).
+
+    Left: the losses. Right: each job's loss minus the mean over jobs at that step, which shows
+    differences that are small next to the fall of the loss itself.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     _, labels = split_overrides(jobs)
-    fig, ax = plt.subplots(figsize=(8, 5))
-    drawn = 0
-    for job, label in zip(jobs, labels):
-        if not job.val_curve:
-            continue
+    curves = [(j, lab) for j, lab in zip(jobs, labels) if j.val_curve]
+    by_step: dict[int, list[float]] = {}
+    for job, _ in curves:
+        for step, loss in job.val_curve:
+            by_step.setdefault(step, []).append(loss)
+    mean = {s: sum(v) / len(v) for s, v in by_step.items() if len(v) >= 2}
+    fig, (ax, ax_rel) = plt.subplots(1, 2, figsize=(12, 5))
+    for job, label in curves:
         steps, losses = zip(*job.val_curve)
         style = "-" if job.status == "completed" else "--"
         suffix = "" if job.status == "completed" else f" [{job.status}]"
         ax.plot(steps, losses, style, marker="o", markersize=3, label=f"{job.num}: {label}{suffix}")
-        drawn += 1
-    if drawn:
+        rel = [(s, v - mean[s]) for s, v in job.val_curve if s in mean]
+        if rel:
+            ax_rel.plot(*zip(*rel), style, marker="o", markersize=3)
+    if curves:
         ax.legend(fontsize=7, loc="upper right")
     else:
         ax.text(0.5, 0.5, "no validation rows yet", ha="center", va="center",
                 transform=ax.transAxes)
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation loss")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
+    ax.set(xlabel="step", ylabel="validation loss", title=title)
+    ax_rel.set(xlabel="step", ylabel="validation loss - mean over jobs",
+               title="difference to the sweep mean at each step")
+    ax_rel.axhline(0.0, color="gray", linewidth=0.8)
+    for a in (ax, ax_rel):
+        a.title.set_fontsize(9)
+        a.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
