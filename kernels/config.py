@@ -25,6 +25,12 @@ def check_device(*tensors: torch.Tensor) -> None:
     """Raises RuntimeError when a CPU tensor meets kernels compiled for the GPU."""
     for t in tensors:
         if t.device.type == "cpu" and not INTERPRET:
-            raise RuntimeError(
-                "moe_lm.kernels got CPU tensors but Triton was imported without TRITON_INTERPRET=1; "
-                "set TRITON_INTERPRET=1 before importing moe_lm.kernels")
+            raise RuntimeError("moe_lm.kernels got CPU tensors but Triton was imported without "
+                               "TRITON_INTERPRET=1; set it before importing moe_lm.kernels")
+
+
+def interpreter_block(n: int, small: int, large: int, threshold: int = 1024) -> int:
+    """Block size under the interpreter, where each program costs Python time: small blocks for
+    the small test shapes (so masked edges and multi-block loops are exercised), large ones for
+    real workloads (a CPU training run)."""
+    return small if n < threshold else large

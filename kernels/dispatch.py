@@ -13,17 +13,26 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import INTERPRET
+from .config import INTERPRET, check_device, interpreter_block
 
 SORT_BLOCK = 128  # assignments per block of the counting sort
 
 
-def _copy_configs() -> list[triton.Config]:
-    """Row-block x column-block shapes for the memory-bound kernels (one under the interpreter)."""
+def _tuned(key: list[str]):
+    """`triton.autotune` over row x column blocks of the memory-bound kernels on the GPU; under
+    the interpreter the launchers pass blocks themselves (`_interpreter_blocks`)."""
     if INTERPRET:
-        return [triton.Config({"BLOCK_R": 16, "BLOCK_D": 64}, num_warps=4)]
+        return lambda kernel: kernel
     shapes = [(1, 1024, 4), (2, 1024, 4), (4, 512, 4), (4, 1024, 8), (8, 512, 8), (16, 256, 8)]
-    return [triton.Config({"BLOCK_R": r, "BLOCK_D": d}, num_warps=w) for r, d, w in shapes]
+    configs = [triton.Config({"BLOCK_R": r, "BLOCK_D": d}, num_warps=w) for r, d, w in shapes]
+    return triton.autotune(configs=configs, key=key)
+
+
+def _interpreter_blocks(rows: int, D: int) -> dict:
+    if not INTERPRET:
+        return {}
+    return {"BLOCK_R": interpreter_block(rows, 16, 128),
+            "BLOCK_D": interpreter_block(D, 64, 256, 256)}
 
 
 # ---------------------------------------------------------------- route: stable counting sort
@@ -89,6 +98,7 @@ def route(expert_idx_Tk: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, 
     Expert ids must lie in [0, num_experts). Three passes, all on the device: per-block
     histograms, an exclusive scan over (expert, block), and a scatter by in-block rank.
     """
+    check_device(expert_idx_Tk)
     idx_A = expert_idx_Tk.reshape(-1).contiguous()
     A, E = idx_A.numel(), int(num_experts)
     order_A = torch.empty(A, dtype=torch.int64, device=idx_A.device)
@@ -112,7 +122,7 @@ def route(expert_idx_Tk: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, 
 
 
 # ---------------------------------------------------------------- gather / scatter
-@triton.autotune(configs=_copy_configs(), key=["D", "HAS_W"])
+@_tuned(key=["D", "HAS_W"])
 @triton.jit
 def _gather_rows_kernel(x_ptr, order_ptr, w_ptr, out_ptr, M, D, top_k,
                         stride_xt, stride_om,
@@ -131,7 +141,7 @@ def _gather_rows_kernel(x_ptr, order_ptr, w_ptr, out_ptr, M, D, top_k,
              vals.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_copy_configs(), key=["D", "HAS_W", "TOP_K"])
+@_tuned(key=["D", "HAS_W", "TOP_K"])
 @triton.jit
 def _combine_rows_kernel(y_ptr, pos_ptr, w_ptr, out_ptr, T, D,
                          stride_ym, stride_ot,
@@ -198,14 +208,20 @@ def gather(x_TD: torch.Tensor, order_M: torch.Tensor, top_k: int,
     if M == 0 or D == 0:
         return out_MD
     w_A = weights_Tk.reshape(-1).contiguous() if weights_Tk is not None else x_TD
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_R"]), triton.cdiv(D, meta["BLOCK_D"]))  # noqa: E731
+    check_device(x_TD, order_M)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_R"]), triton.cdiv(D, meta["BLOCK_D"]))
+
     _gather_rows_kernel[grid](x_TD, order_M.contiguous(), w_A, out_MD, M, D, top_k,
-                              x_TD.stride(0), out_MD.stride(0), HAS_W=weights_Tk is not None)
+                              x_TD.stride(0), out_MD.stride(0), HAS_W=weights_Tk is not None,
+                              **_interpreter_blocks(M, D))
     return out_MD
 
 
 def inverse_order(order_M: torch.Tensor, num_assignments: int) -> torch.Tensor:
     """pos (A,) int64 with pos[order[m]] = m, and -1 for assignments missing from order."""
+    check_device(order_M)
     pos_A = torch.full((num_assignments,), -1, dtype=torch.int64, device=order_M.device)
     M = order_M.shape[0]
     if M:
@@ -214,7 +230,8 @@ def inverse_order(order_M: torch.Tensor, num_assignments: int) -> torch.Tensor:
 
 
 def combine(y_MD: torch.Tensor, pos_A: torch.Tensor, num_tokens: int, top_k: int,
-            weights_Tk: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+            weights_Tk: torch.Tensor | None = None,
+            out: torch.Tensor | None = None) -> torch.Tensor:
     """(T, D): out[t] = sum_j w[t, j] * y[pos[t*k + j]] over kept assignments (w = 1 if None)."""
     y_MD = _rows(y_MD)
     T, D = num_tokens, y_MD.shape[1]
@@ -222,9 +239,14 @@ def combine(y_MD: torch.Tensor, pos_A: torch.Tensor, num_tokens: int, top_k: int
     if T == 0 or D == 0:
         return out_TD
     w_A = weights_Tk.reshape(-1).contiguous() if weights_Tk is not None else y_MD
-    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_R"]), triton.cdiv(D, meta["BLOCK_D"]))  # noqa: E731
+    check_device(y_MD, pos_A)
+
+    def grid(meta):
+        return (triton.cdiv(T, meta["BLOCK_R"]), triton.cdiv(D, meta["BLOCK_D"]))
+
     _combine_rows_kernel[grid](y_MD, pos_A, w_A, out_TD, T, D, y_MD.stride(0), out_TD.stride(0),
-                               TOP_K=top_k, HAS_W=weights_Tk is not None)
+                               TOP_K=top_k, HAS_W=weights_Tk is not None,
+                               **_interpreter_blocks(T, D))
     return out_TD
 
 
@@ -254,8 +276,9 @@ def scatter_backward(dout_TD: torch.Tensor, y_MD: torch.Tensor, order_M: torch.T
     A, D = T * k, y_MD.shape[1]
     if A:
         pos_A = inverse_order(order_M, A)
+        BLOCK_A = interpreter_block(A, 32, 128) if INTERPRET else 32
         BLOCK_D = 64 if INTERPRET else min(triton.next_power_of_2(max(D, 1)), 256)
-        _weight_grad_kernel[(triton.cdiv(A, 32),)](
+        _weight_grad_kernel[(triton.cdiv(A, BLOCK_A),)](
             dout_TD, y_MD, pos_A, dw_Tk, A, D, k, dout_TD.stride(0), y_MD.stride(0),
-            BLOCK_A=32, BLOCK_D=BLOCK_D)
+            BLOCK_A=BLOCK_A, BLOCK_D=BLOCK_D)
     return dy_MD, dw_Tk

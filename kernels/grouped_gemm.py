@@ -16,13 +16,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import INTERPRET, dot_precision
+from .config import INTERPRET, check_device, dot_precision, interpreter_block
 
 
 def _mm_configs() -> list[triton.Config]:
-    """Hopper-oriented tile shapes; one small config under the interpreter so CPU tests stay fast."""
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4)]
+    """Hopper-oriented tile shapes for the autotuner (the interpreter picks blocks by size)."""
     shapes = [
         (128, 256, 64, 8, 3),
         (128, 128, 64, 8, 4),
@@ -39,7 +37,23 @@ def _mm_configs() -> list[triton.Config]:
     ]
 
 
-@triton.autotune(configs=_mm_configs(), key=["N", "K", "E", "PRECISION"])
+def _tuned(key: list[str]):
+    """`triton.autotune` on the GPU; under the interpreter the launcher passes blocks itself."""
+    if INTERPRET:
+        return lambda kernel: kernel
+    return triton.autotune(configs=_mm_configs(), key=key)
+
+
+def _interpreter_blocks(M: int, K: int, N: int) -> dict:
+    """Explicit blocks under the interpreter: small for test shapes, large for real ones."""
+    if not INTERPRET:
+        return {}
+    return {"BLOCK_M": interpreter_block(M, 16, 64, 512),
+            "BLOCK_N": interpreter_block(N, 32, 128, 160),
+            "BLOCK_K": interpreter_block(K, 16, 128, 160)}
+
+
+@_tuned(key=["N", "K", "E", "PRECISION"])
 @triton.jit
 def _grouped_mm_kernel(
     x_ptr, w_ptr, y_ptr, offs_ptr,
@@ -50,34 +64,36 @@ def _grouped_mm_kernel(
 ):
     """y[rows of group e] = x[rows of group e] @ w[e]; one (BLOCK_M, BLOCK_N) tile per program."""
     pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
+    num_n = (N + BLOCK_N - 1) // BLOCK_N  # plain arithmetic: nested jit calls are slow to interpret
     tile_m = pid // num_n
     pid_n = pid % num_n
 
-    # Group boundaries; group E is the virtual tail [offs[E-1], T) that gets zeros.
+    # Row tiles per group; group E is the virtual tail [offs[E-1], T) that gets zeros.
     g = tl.arange(0, BLOCK_E)
     ends = tl.load(offs_ptr + g, mask=g < E, other=0)
-    ends = tl.where(g < E, ends, T)
+    ends = tl.minimum(tl.where(g < E, ends, T), T)  # offsets past T would read out of bounds
     prev = tl.load(offs_ptr + g - 1, mask=(g >= 1) & (g <= E), other=0)
-    starts = tl.where(g == 0, 0, tl.where(g <= E, prev, T))
-    sizes = tl.maximum(ends - starts, 0)
-    tiles = (sizes + BLOCK_M - 1) // BLOCK_M
+    starts = tl.minimum(tl.where(g == 0, 0, tl.where(g <= E, prev, T)), T)
+    tiles = (tl.maximum(ends - starts, 0) + BLOCK_M - 1) // BLOCK_M
     cum = tl.cumsum(tiles, 0)  # inclusive tile count per group
-    group = tl.sum((cum <= tile_m).to(tl.int32), 0)  # == BLOCK_E past the last real tile
+    group = tl.sum((cum <= tile_m).to(tl.int32), 0)  # > E past the last real tile: idle program
     first_tile = tl.sum(tl.where(g < group, tiles, 0), 0)
-    row_start = tl.sum(tl.where(g == group, starts, 0), 0)
-    row_end = tl.sum(tl.where(g == group, ends, 0), 0)
+    row_start = tl.load(offs_ptr + group - 1, mask=(group > 0) & (group <= E), other=0)
+    row_start = tl.minimum(row_start, T)
+    row_end = tl.load(offs_ptr + group, mask=group < E, other=0)
+    row_end = tl.where(group < E, tl.minimum(row_end, T), tl.where(group == E, T, 0))
 
     rows = row_start + (tile_m - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = rows < row_end
     mask_n = cols < N
-    k_tiles = tl.where(group < E, tl.cdiv(K, BLOCK_K), 0)  # tail and idle programs skip the loop
+    k_tiles = tl.where(group < E, (K + BLOCK_K - 1) // BLOCK_K, 0)  # tail, idle: no loop
     w_group = tl.minimum(group, E - 1).to(tl.int64)
 
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xt + ks[None, :] * stride_xk
-    w_ptrs = w_ptr + w_group * stride_we + ks[:, None] * stride_wk + cols.to(tl.int64)[None, :] * stride_wn
+    w_ptrs = (w_ptr + w_group * stride_we + ks[:, None] * stride_wk
+              + cols.to(tl.int64)[None, :] * stride_wn)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kt in range(0, k_tiles):
         k_ok = (kt * BLOCK_K + ks) < K
@@ -94,7 +110,7 @@ def _grouped_mm_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.autotune(configs=_mm_configs(), key=["K", "N", "E", "PRECISION"])
+@_tuned(key=["K", "N", "E", "PRECISION"])
 @triton.jit
 def _grouped_mm_dw_kernel(
     x_ptr, dy_ptr, dw_ptr, offs_ptr,
@@ -106,12 +122,12 @@ def _grouped_mm_dw_kernel(
     """dw[e] = x_e^T @ dy_e, a reduction over group e's rows; one (BLOCK_K, BLOCK_N) tile each."""
     e = tl.program_id(0)
     pid = tl.program_id(1)
-    num_n = tl.cdiv(N, BLOCK_N)
+    num_n = (N + BLOCK_N - 1) // BLOCK_N
     pid_k = pid // num_n
     pid_n = pid % num_n
     row_end = tl.load(offs_ptr + e)
     row_start = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
-    m_tiles = tl.cdiv(tl.maximum(row_end - row_start, 0), BLOCK_M)  # 0 for an empty group
+    m_tiles = (tl.maximum(row_end - row_start, 0) + BLOCK_M - 1) // BLOCK_M  # 0 if empty
 
     ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -120,7 +136,7 @@ def _grouped_mm_dw_kernel(
     ms = tl.arange(0, BLOCK_M)
     rows0 = row_start.to(tl.int64) + ms
     xt_ptrs = x_ptr + ks[:, None] * stride_xk + rows0[None, :] * stride_xt  # (BLOCK_K, BLOCK_M)
-    dy_ptrs = dy_ptr + rows0[:, None] * stride_dyt + cols[None, :] * stride_dyn  # (BLOCK_M, BLOCK_N)
+    dy_ptrs = dy_ptr + rows0[:, None] * stride_dyt + cols[None, :] * stride_dyn  # (BM, BN)
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     for mt in range(0, m_tiles):
         m_ok = (row_start + mt * BLOCK_M + ms) < row_end
@@ -143,10 +159,11 @@ def _check(x_TK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor) -> tor
         raise ValueError(f"grouped_mm wants x (T, K), w (E, K, N), offs (E,); got "
                          f"{tuple(x_TK.shape)}, {tuple(w_EKN.shape)}, {tuple(offs_E.shape)}")
     if x_TK.shape[1] != w_EKN.shape[1] or offs_E.shape[0] != w_EKN.shape[0]:
-        raise ValueError(f"grouped_mm shape mismatch: x {tuple(x_TK.shape)}, w {tuple(w_EKN.shape)}, "
-                         f"offs {tuple(offs_E.shape)}")
+        raise ValueError(f"grouped_mm shape mismatch: x {tuple(x_TK.shape)}, "
+                         f"w {tuple(w_EKN.shape)}, offs {tuple(offs_E.shape)}")
     if x_TK.dtype != w_EKN.dtype:
         raise ValueError(f"grouped_mm wants one dtype; got x {x_TK.dtype}, w {w_EKN.dtype}")
+    check_device(x_TK, w_EKN, offs_E)
     return offs_E.to(torch.int32)  # no-op when already int32; never synchronizes
 
 
@@ -174,7 +191,7 @@ def grouped_mm(x_TK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor,
         x_TK.stride(0), x_TK.stride(1), w_EKN.stride(0), w_EKN.stride(1), w_EKN.stride(2),
         y_TN.stride(0), y_TN.stride(1),
         BLOCK_E=triton.next_power_of_2(E + 1),
-        PRECISION=dot_precision(x_TK.dtype), UPCAST=INTERPRET,
+        PRECISION=dot_precision(x_TK.dtype), UPCAST=INTERPRET, **_interpreter_blocks(T, K, N),
     )
     return y_TN
 
@@ -195,6 +212,7 @@ def grouped_mm_dw(x_TK: torch.Tensor, dy_TN: torch.Tensor, offs_E: torch.Tensor,
     if dy_TN.shape[0] != T or x_TK.dtype != dy_TN.dtype:
         raise ValueError(f"grouped_mm_dw: x {tuple(x_TK.shape)} {x_TK.dtype} and dy "
                          f"{tuple(dy_TN.shape)} {dy_TN.dtype} disagree")
+    check_device(x_TK, dy_TN, offs_E)
     dw_EKN = out if out is not None else x_TK.new_empty(E, K, N)
     if E == 0 or K == 0 or N == 0:
         return dw_EKN
@@ -206,6 +224,6 @@ def grouped_mm_dw(x_TK: torch.Tensor, dy_TN: torch.Tensor, offs_E: torch.Tensor,
         x_TK, dy_TN, dw_EKN, offs_E, K, N, E,
         x_TK.stride(0), x_TK.stride(1), dy_TN.stride(0), dy_TN.stride(1),
         dw_EKN.stride(0), dw_EKN.stride(1), dw_EKN.stride(2),
-        PRECISION=dot_precision(x_TK.dtype), UPCAST=INTERPRET,
+        PRECISION=dot_precision(x_TK.dtype), UPCAST=INTERPRET, **_interpreter_blocks(T, K, N),
     )
     return dw_EKN

@@ -22,7 +22,8 @@ SHAPES = [
     ("e8_tail_rows", [5, 0, 9, 1, 0, 0, 2, 3], 6, 31, 40),
     ("e64_skewed", None, 0, 24, 40),
 ]
-DTYPES = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=6e-2, rtol=2e-2)}
+DTYPES = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=6e-2, rtol=2e-2),
+          torch.float16: dict(atol=1e-2, rtol=5e-3)}
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(not kernels.INTERPRET,
                                                  reason="CPU needs TRITON_INTERPRET=1")),
@@ -54,7 +55,7 @@ def _nan(*shape, dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", list(DTYPES), ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("name,spec,tail,K,N", SHAPES, ids=[s[0] for s in SHAPES])
 def test_grouped_mm_matches_loop_forward_and_backward(name, spec, tail, K, N, dtype, device):
     x, w, offs = _problem(spec, tail, K, N, dtype, device)
