@@ -17,7 +17,7 @@ _NS = "moe_lm_triton"
 
 
 def _require_runnable(*tensors: torch.Tensor) -> None:
-    """ConfigError where the Triton kernels cannot run on these tensors (CPU without interpreter)."""
+    """ConfigError where the kernels cannot run on these tensors (CPU without the interpreter)."""
     for t in tensors:
         if t.device.type == "cpu" and not kernels.INTERPRET:
             raise ConfigError(
