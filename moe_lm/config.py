@@ -213,8 +213,11 @@ def to_train_config(cfg: DictConfig | dict[str, Any]) -> TrainConfig:
 
 
 def _without_hydra(cfg: Any) -> Any:
+    """The job's keys, resolved; the `hydra` node is dropped before resolving (its runtime
+    interpolations only resolve inside a running Hydra app)."""
     if isinstance(cfg, DictConfig):
-        cfg = OmegaConf.to_container(cfg, resolve=True)
+        return {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig)
+                else cfg[k] for k in cfg if k != "hydra"}
     return {k: v for k, v in cfg.items() if k != "hydra"}
 
 
