@@ -1,0 +1,90 @@
+"""Balanced routing for shape-only passes (meta or fake tensors): what planning assumes.
+
+A meta or fake tensor has a shape but no values, so the data-dependent steps of the MoE layer
+cannot run: how many tokens each expert gets (`route`'s bincount), the all-to-all split sizes, the
+per-expert loop of a grouped GEMM. The planner and the dry run replace exactly those, at the two
+seams the layer already has, with the balanced case (every expert gets T*k/E rows, every EP rank
+sends and receives the same number of rows); everything else runs the real layers.
+
+- `BalancedBackend` wraps a layer's `expert.backend`: balanced `route`, a shape-only `grouped_mm`
+  (same output and saved tensors as the real one), the reference gather/scatter.
+- `BalancedMoEParallel` replaces `moe.parallel` (expert parallelism): split sizes from shapes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moe_lm.model import MoE
+from moe_lm.ops import torch_ref
+from moe_lm.parallel.expert_parallel import MoEParallel
+
+
+def balanced_counts(num_rows: int, num_experts: int, device) -> torch.Tensor:
+    """(E,) rows per expert as even as possible: the first `num_rows % E` experts get one more."""
+    base, extra = divmod(num_rows, num_experts)
+    counts = [base + (1 if e < extra else 0) for e in range(num_experts)]
+    return torch.tensor(counts, dtype=torch.int64).to(device)
+
+
+class _ShapeOnlyGroupedMM(torch.autograd.Function):
+    """(T, K) x (E, K, N) -> (T, N) without values; saves x and w like the real grouped GEMM."""
+
+    @staticmethod
+    def forward(ctx, x_TK, w_EKN, offs_E):
+        ctx.save_for_backward(x_TK, w_EKN)
+        return x_TK.new_empty((x_TK.shape[0], w_EKN.shape[2]))
+
+    @staticmethod
+    def backward(ctx, grad_TN):
+        x_TK, w_EKN = ctx.saved_tensors
+        return x_TK.new_empty(x_TK.shape), w_EKN.new_empty(w_EKN.shape), None
+
+
+class BalancedBackend:
+    """The kernel API (design section 3) for tensors without values, routing balanced."""
+
+    def __init__(self, inner):
+        self.inner = inner  # the layer's real backend, kept to restore it
+
+    @staticmethod
+    def route(expert_idx_Tk: torch.Tensor, num_experts: int):
+        flat = expert_idx_Tk.reshape(-1)
+        order = torch.sort(flat, stable=True).indices
+        # a CPU tensor of known values, moved to the shape-only device
+        return order, balanced_counts(flat.numel(), num_experts, flat.device)
+
+    gather = staticmethod(torch_ref.gather)
+    scatter = staticmethod(torch_ref.scatter)
+
+    @staticmethod
+    def grouped_mm(x_TK, w_EKN, offs_E):
+        return _ShapeOnlyGroupedMM.apply(x_TK, w_EKN, offs_E)
+
+
+class BalancedMoEParallel(MoEParallel):
+    """Expert parallelism with balanced split sizes: every EP rank sends rows/P to each peer."""
+
+    def _exchange_counts(self, send_PE: torch.Tensor) -> torch.Tensor:
+        return send_PE.clone()  # balanced and symmetric: what each peer sends me is what I send
+
+    def _splits(self, send_PE, recv_PE, rows: int) -> tuple[list[int], list[int]]:
+        even = [rows // self.ep_size] * self.ep_size
+        even[-1] += rows - sum(even)
+        return even, even
+
+
+def use_balanced_routing(model: nn.Module) -> int:
+    """Swaps every MoE layer's backend (and its EP helper, if any) for the balanced, shape-only
+    ones; returns how many layers it changed."""
+    n = 0
+    for module in model.modules():
+        if isinstance(module, MoE):
+            if not isinstance(module.backend, BalancedBackend):
+                module.backend = BalancedBackend(module.backend)
+            par = module.parallel
+            if par is not None and not isinstance(par, BalancedMoEParallel):
+                module.parallel = BalancedMoEParallel(par.num_experts, par.dp_group, par.ep_group)
+            n += 1
+    return n

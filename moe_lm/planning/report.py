@@ -1,0 +1,192 @@
+"""The plan of a run: what it is (parameters, FLOPs), what each GPU holds, how many GPUs it needs
+and how long it takes. `make_plan` returns a JSON-able dict; `format_plan` renders it as a table.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, replace
+from typing import Any
+
+from moe_lm.config import TrainConfig
+from moe_lm.errors import ConfigError, MoeLMError
+from moe_lm.model import count_params
+from moe_lm.parallel.fsdp import expert_shard_dim
+from moe_lm.planning.counting import (
+    build_meta_model,
+    count_by_component,
+    flops_per_token,
+    layer_counts,
+    totals,
+)
+from moe_lm.planning.memory import PARTS, RankMemory, rank_memory, world_size_of
+
+GIB = 2 ** 30
+
+
+def gpu_capacity_bytes(cfg: TrainConfig) -> int:
+    """Bytes of one GPU the run may use: plan.gpu_memory_gb GiB less the headroom."""
+    return int(cfg.plan.gpu_memory_gb * GIB * (1.0 - cfg.plan.memory_headroom))
+
+
+def _valid_dp_shard(cfg: TrainConfig, s: int) -> bool:
+    """FSDP can shard the expert weights over `s` (one inner dim divides evenly)."""
+    if cfg.parallel.ep == 1:
+        return True
+    shape = (cfg.expert.num_experts, cfg.model.d_model, cfg.expert.hidden_size)
+    try:
+        expert_shard_dim(shape, s)
+    except ConfigError:
+        return False
+    return True
+
+
+def with_dp_shard(cfg: TrainConfig, s: int) -> TrainConfig:
+    return replace(cfg, parallel=replace(cfg.parallel, dp_shard=s))
+
+
+def min_gpus(cfg: TrainConfig, mem: RankMemory, device_type: str,
+             max_tries: int = 4) -> dict[str, Any]:
+    """The fewest GPUs of `plan.gpu_memory_gb` that hold one rank's peak, keeping `parallel.ep`,
+    `parallel.dp_replicate` and the per-GPU batch, and changing `parallel.dp_shard`.
+
+    Parameters, gradients and optimizer states are sharded over dp_shard (every weight is); the
+    activations and FSDP's unsharded buffers are not. That split of the measured peak gives the
+    first candidate; each candidate is then measured with the real code, growing dp_shard until
+    the measured peak fits.
+    """
+    capacity = gpu_capacity_bytes(cfg)
+    p = cfg.parallel
+    state = sum(mem.parts[k] for k in ("parameters", "gradients", "optimizer_states"))
+    rest = mem.peak - state
+    if rest >= capacity:
+        return {"gpus": None, "dp_shard": None, "reason": (
+            f"activations and buffers alone take {rest / GIB:.1f} GiB per GPU, more than the "
+            f"{capacity / GIB:.1f} GiB usable: lower data.batch_size or data.seq_len, or use "
+            "trainer.activation_checkpointing=full")}
+    s = max(1, math.ceil(state * p.dp_shard / (capacity - rest)))
+    measured: dict[int, int] = {p.dp_shard: mem.peak}
+    for _ in range(max_tries):
+        while not _valid_dp_shard(cfg, s):
+            s += 1
+        if s not in measured:
+            measured[s] = rank_memory(with_dp_shard(cfg, s), device_type).peak
+        if measured[s] <= capacity:
+            smaller = [k for k, v in measured.items() if v <= capacity and k < s]
+            s = min(smaller + [s])
+            return {"gpus": p.dp_replicate * s * p.ep, "dp_shard": s,
+                    "peak_bytes": measured[s], "measured": {str(k): v for k, v in measured.items()}}
+        s = max(s + 1, math.ceil(s * measured[s] / capacity))
+    return {"gpus": None, "dp_shard": None, "measured": {str(k): v for k, v in measured.items()},
+            "reason": f"no dp_shard up to {s} fits in {max_tries} measured tries"}
+
+
+def make_plan(cfg: TrainConfig) -> dict[str, Any]:
+    """Counts, measures and times the run of `cfg` (model.vocab_size already resolved)."""
+    start = time.time()
+    if cfg.model.vocab_size <= 0:
+        raise MoeLMError("make_plan needs model.vocab_size resolved (the tokenizer's size).")
+    model = build_meta_model(cfg)
+    table = count_by_component(model, cfg.expert.top_k, cfg.expert.num_experts)
+    del model
+    tot = totals(table)
+    closed_form = count_params(cfg.model, cfg.expert)
+    if (tot["total"], tot["active"]) != (closed_form["total"], closed_form["active"]):
+        raise MoeLMError(f"The meta model has {tot} parameters but moe_lm.model.count_params "
+                         f"says {closed_form}: one of them is out of date with the model code.")
+    flops = flops_per_token(cfg, table)
+    device_type = cfg.plan.device
+    mem = rank_memory(cfg, device_type)
+    world = world_size_of(cfg)
+    capacity = gpu_capacity_bytes(cfg)
+    fewest = min_gpus(cfg, mem, device_type)
+    d, t = cfg.data, cfg.trainer
+    tokens_per_step = d.batch_size * d.seq_len * t.grad_accum * world
+    achieved = world * cfg.plan.peak_tflops * 1e12 * cfg.plan.mfu  # FLOP/s
+    step_time = flops["total"] * tokens_per_step / achieved
+    return {
+        "total_params": tot["total"],
+        "active_params": tot["active"],
+        "params_by_component": table,
+        "layers": layer_counts(cfg),
+        "flops_per_token": flops["total"],
+        "flops_per_token_by_part": flops,
+        "mesh": {"dp_replicate": cfg.parallel.dp_replicate, "dp_shard": cfg.parallel.dp_shard,
+                 "ep": cfg.parallel.ep, "world_size": world},
+        "activation_checkpointing": t.activation_checkpointing,
+        "precision": t.precision,
+        "memory_per_gpu_bytes": mem.peak,
+        "memory_per_gpu_by_part_bytes": {**{k: mem.parts[k] for k in PARTS},
+                                         "all_to_all_buffers_in_activations": mem.all_to_all},
+        "gpu_memory_bytes": int(cfg.plan.gpu_memory_gb * GIB),
+        "usable_gpu_memory_bytes": capacity,
+        "fits": mem.peak <= capacity,
+        "min_gpus": fewest["gpus"],
+        "min_gpus_detail": fewest,
+        "tokens_per_step": tokens_per_step,
+        "step_time_s": step_time,
+        "train_tokens": tokens_per_step * t.max_steps,
+        "time_to_train_s": step_time * t.max_steps,
+        "assumptions": {
+            "plan": asdict(cfg.plan),
+            "routing": "balanced (every expert gets tokens*top_k/num_experts rows)",
+            "flops": "model FLOPs: 6 x active matmul weights + causal attention; no AC recompute",
+            "memory": "rank 0 of a fake process group running moe_lm.parallel on fake tensors",
+        },
+        "plan_seconds": round(time.time() - start, 1),
+    }
+
+
+def _fmt_count(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3f}{unit}"
+    return str(int(n))
+
+
+def _fmt_time(seconds: float) -> str:
+    if seconds >= 86400:
+        return f"{seconds / 86400:.1f} days"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds:.2f} s"
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    """The plan as the table `python -m moe_lm.plan` prints."""
+    lines = []
+    add = lines.append
+    add(f"{'component':<16}{'total':>14}{'active/token':>16}")
+    for comp, row in plan["params_by_component"].items():
+        if row["total"]:
+            add(f"{comp:<16}{_fmt_count(row['total']):>14}{_fmt_count(row['active']):>16}")
+    add(f"{'TOTAL':<16}{_fmt_count(plan['total_params']):>14}"
+        f"{_fmt_count(plan['active_params']):>16}   ({plan['total_params']:,} / "
+        f"{plan['active_params']:,})")
+    add("")
+    add(f"training FLOPs per token: {plan['flops_per_token']:.4g} "
+        f"(attention {plan['flops_per_token_by_part']['attention_scores']:.3g})")
+    m = plan["mesh"]
+    add(f"mesh: dp_replicate {m['dp_replicate']} x dp_shard {m['dp_shard']} x ep {m['ep']} = "
+        f"{m['world_size']} GPUs; activation checkpointing {plan['activation_checkpointing']}; "
+        f"{plan['precision']}")
+    add("memory per GPU at its peak (rank 0, measured on fake tensors):")
+    for part, nbytes in plan["memory_per_gpu_by_part_bytes"].items():
+        label = "  of which all-to-all" if part.startswith("all_to_all") else part
+        add(f"  {label:<24}{nbytes / GIB:>10.2f} GiB")
+    verdict = "fits" if plan["fits"] else "DOES NOT FIT"
+    add(f"  {'peak':<24}{plan['memory_per_gpu_bytes'] / GIB:>10.2f} GiB  of "
+        f"{plan['usable_gpu_memory_bytes'] / GIB:.1f} GiB usable: {verdict}")
+    fewest = plan["min_gpus_detail"]
+    if fewest["gpus"] is None:
+        add(f"fewest GPUs: none with this per-GPU batch ({fewest['reason']})")
+    else:
+        add(f"fewest GPUs of {plan['gpu_memory_bytes'] / GIB:.0f} GiB: {fewest['gpus']} "
+            f"(dp_shard {fewest['dp_shard']}, peak {fewest['peak_bytes'] / GIB:.1f} GiB)")
+    a = plan["assumptions"]["plan"]
+    add(f"step: {plan['tokens_per_step']:,} tokens, {_fmt_time(plan['step_time_s'])} at "
+        f"{a['peak_tflops']:g} TFLOP/s x MFU {a['mfu']:g}")
+    add(f"time to train {plan['train_tokens'] / 1e12:.3g}T tokens: "
+        f"{_fmt_time(plan['time_to_train_s'])} on {m['world_size']} GPUs")
+    return "\n".join(lines)
