@@ -1,15 +1,27 @@
 """Fused linear + cross-entropy: the LM head and its loss without the full (tokens x vocab) logits.
 
-Legend: N tokens, D model width, V vocabulary, C tokens per chunk.
+Legend: N tokens, D model width, V vocabulary, C tokens per chunk, R rows per block.
 
 With a 100k vocabulary the logits dominate memory and, on a CPU, time: every elementwise pass over
-(N, V) fp32 goes to DRAM. Chunks of C tokens keep each chunk's logits in cache; the forward also
-computes the gradients (softmax - one-hot), so the backward only scales what is already there.
+(N, V) fp32 goes to DRAM. So the work goes in two levels. Chunks of C tokens bound the memory: a
+chunk's logits and gradients exist in the compute dtype (bf16 under autocast) only, and the big
+matmuls (logits, grad_h, grad_w) run per chunk. Within a chunk, blocks of R rows (about 4 MB of
+fp32) do the softmax work while it sits in cache: `log_softmax` straight from the bf16 logits into
+fp32 (one op), the target's log-probability, `exp_` in place, minus the one-hot, and one multiply
+that writes the scaled gradient back in the compute dtype. The forward computes the gradients, so
+the backward only scales what is already there. No (N, V) or (C, V) fp32 tensor ever exists.
 """
 
 from __future__ import annotations
 
 import torch
+
+BLOCK_BYTES = 4 << 20  # fp32 softmax work per block: stays in L2/L3 between its passes
+
+
+def rows_per_block(vocab: int) -> int:
+    """Rows of fp32 logits that fit in `BLOCK_BYTES` (at least one)."""
+    return max(1, BLOCK_BYTES // (4 * vocab))
 
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
@@ -18,37 +30,42 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N: torch.Tensor,
                 chunk: int, compute_dtype: torch.dtype, ignore_index: int):
-        N = h_ND.shape[0]
+        N, V = h_ND.shape[0], w_VD.shape[0]
         w_c = w_VD.to(compute_dtype)
         h_c = h_ND.to(compute_dtype)
+        acc_dtype = torch.promote_types(compute_dtype, torch.float32)  # softmax in >= fp32
         valid_N = targets_N != ignore_index
         n_valid = valid_N.sum().clamp_min(1)
+        safe_N1 = torch.where(valid_N, targets_N, 0)[:, None]
+        scale_N1 = (valid_N.to(acc_dtype) / n_valid)[:, None]  # d loss / d logits, per row
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h_ND) if need_grad else None
-        grad_w = torch.zeros(w_VD.shape, dtype=torch.promote_types(compute_dtype, torch.float32),
-                             device=w_VD.device) if need_grad else None
-        acc_dtype = torch.promote_types(compute_dtype, torch.float32)  # softmax in >= fp32
-        total = torch.zeros((), dtype=acc_dtype, device=h_ND.device)
+        grad_w = None
+        nll_N = torch.empty(N, dtype=acc_dtype, device=h_ND.device)
+        R = rows_per_block(V)
+        minus_one_R1 = torch.full((R, 1), -1.0, dtype=acc_dtype, device=h_ND.device)
         for start in range(0, N, chunk):
             hc_CD = h_c[start:start + chunk]
-            y_C = targets_N[start:start + chunk]
-            ok_C = valid_N[start:start + chunk]
-            safe_y_C = torch.where(ok_C, y_C, 0)
-            logits_CV = (hc_CD @ w_c.t()).to(acc_dtype)
-            lse_C = torch.logsumexp(logits_CV, dim=-1)
-            target_logit_C = logits_CV.gather(1, safe_y_C[:, None])[:, 0]
-            total += ((lse_C - target_logit_C) * ok_C).sum()
+            logits_CV = hc_CD @ w_c.t()  # compute dtype
+            g_CV = torch.empty_like(logits_CV) if need_grad else None
+            for r in range(0, logits_CV.shape[0], R):
+                a, b = start + r, start + min(r + R, logits_CV.shape[0])
+                logp_RV = torch.log_softmax(logits_CV[r:r + R], dim=-1, dtype=acc_dtype)
+                nll_N[a:b] = -logp_RV.gather(1, safe_N1[a:b])[:, 0]
+                if need_grad:
+                    probs_RV = logp_RV.exp_()  # softmax, in place
+                    probs_RV.scatter_add_(1, safe_N1[a:b], minus_one_R1[:b - a])  # - one-hot
+                    g_CV[r:r + R] = probs_RV.mul_(scale_N1[a:b])  # into the compute dtype
             if need_grad:
-                probs_CV = logits_CV.sub_(lse_C[:, None]).exp_()  # softmax, in place
-                probs_CV[torch.arange(len(y_C), device=y_C.device), safe_y_C] -= 1.0
-                probs_CV.mul_((ok_C.to(acc_dtype) / n_valid)[:, None])
-                g_CV = probs_CV.to(compute_dtype)
-                grad_h[start:start + chunk] = (g_CV @ w_c).to(h_ND.dtype)
-                grad_w += (g_CV.t() @ hc_CD).to(grad_w.dtype)
+                grad_h[start:start + chunk] = g_CV @ w_c
+                part_VD = g_CV.t() @ hc_CD
+                grad_w = part_VD.to(acc_dtype) if grad_w is None else grad_w.add_(part_VD)
         if need_grad:
+            if grad_w is None:  # no tokens at all
+                grad_w = torch.zeros(w_VD.shape, dtype=acc_dtype, device=w_VD.device)
             ctx.save_for_backward(grad_h, grad_w)
         ctx.w_dtype = w_VD.dtype
-        return total / n_valid
+        return (nll_N * valid_N).sum() / n_valid
 
     @staticmethod
     def backward(ctx, grad_out):
