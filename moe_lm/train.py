@@ -80,6 +80,11 @@ def main(cfg: DictConfig) -> float | None:
         if sweep and slurm.needs_torchrun(os.environ, hc.launcher.get("_target_")):
             return slurm.run_job_under_torchrun(str(run_dir), torchrun_args(cfg), os.environ,
                                                 hc.launcher.get("gpus_per_node"))
+        if not train_cfg.trainer.dry_run:  # refuse what this hardware cannot hold, unallocated
+            from moe_lm.planning.guard import Hardware, check_launch
+
+            check_launch(train_cfg, list(hc.overrides.task),
+                         Hardware.detect(train_cfg.trainer.device))
         write_run_config(run_dir, cfg)
         result = run_training(train_cfg, run_dir)
     except Exception as err:

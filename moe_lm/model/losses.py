@@ -78,6 +78,9 @@ def fused_linear_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N
     """Mean cross-entropy of `h @ w^T` against `targets`, never holding more than `chunk` rows
     of logits. Matmuls run in the autocast dtype when autocast is on, softmax in fp32."""
     device_type = h_ND.device.type
+    if device_type == "meta":  # no autocast on meta (dry runs, planning): shapes only
+        return FusedLinearCrossEntropy.apply(h_ND, w_VD, targets_N, chunk, h_ND.dtype,
+                                             ignore_index)
     if torch.is_autocast_enabled(device_type):
         compute_dtype = torch.get_autocast_dtype(device_type)
     else:

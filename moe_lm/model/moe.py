@@ -130,6 +130,8 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the experts run in: autocast's where autocast is on (grouped GEMMs are not
     autocast ops, so an fp32 residual stream would otherwise run them in fp32), else x's."""
     device_type = x.device.type
+    if device_type == "meta":  # no autocast on meta (dry runs, planning): shapes only
+        return x.dtype
     if torch.is_autocast_enabled(device_type) and x.is_floating_point():
         return torch.get_autocast_dtype(device_type)
     return x.dtype

@@ -1,0 +1,76 @@
+"""`trainer.dry_run=true`: one forward and backward of the real layers on the meta device.
+
+Shapes only: nothing is allocated, so it runs for any size (the 1T experiment included) on any
+machine, in seconds, and fails where a shape does not fit (heads, experts, vocabulary, sequence).
+The model is the real `Transformer` with the configured activation checkpointing; the MoE layers
+route balanced (see `balanced.py`: data-dependent token counts have no values on meta).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from moe_lm.config import TrainConfig
+from moe_lm.errors import MoeLMError
+from moe_lm.parallel import apply_activation_checkpointing
+from moe_lm.planning.balanced import use_balanced_routing
+from moe_lm.planning.counting import build_meta_model
+from moe_lm.planning.memory import planning_config
+
+
+def dry_run(cfg: TrainConfig) -> dict[str, Any]:
+    """Runs one micro-step (B = data.batch_size, S = data.seq_len) forward and backward on meta;
+    returns what it checked. `cfg.model.vocab_size` must be resolved."""
+    from moe_lm.training.loop import combine_losses  # the loop's own loss
+
+    start = time.time()
+    cfg = planning_config(cfg)
+    model = build_meta_model(cfg)
+    apply_activation_checkpointing(model, cfg.trainer.activation_checkpointing)
+    moe_layers = use_balanced_routing(model)
+    model.train()
+    B, S = cfg.data.batch_size, cfg.data.seq_len
+    tokens_BS1 = torch.zeros((B, S + 1), dtype=torch.int64, device="meta")
+    out = model(tokens_BS1[:, :-1], tokens_BS1[:, 1:], return_logits=False)
+    loss = combine_losses(out, cfg).total
+    if loss.shape != torch.Size([]):
+        raise MoeLMError(f"dry run: the loss has shape {tuple(loss.shape)}, expected a scalar.")
+    loss.backward()
+    bad = [name for name, p in model.named_parameters()
+           if p.grad is None or p.grad.shape != p.shape]
+    if bad:
+        raise MoeLMError(f"dry run: {len(bad)} parameters got no gradient of their shape after "
+                         f"backward (first: {bad[:3]}); the model does not use them.")
+    return {
+        "dry_run": "ok",
+        "params": sum(p.numel() for p in model.parameters()),
+        "moe_layers": moe_layers,
+        "micro_batch": [B, S],
+        "hidden_shape": list(out.hidden.shape) if out.hidden is not None else None,
+        "activation_checkpointing": cfg.trainer.activation_checkpointing,
+        "seconds": round(time.time() - start, 2),
+    }
+
+
+def run_dry_run(cfg: TrainConfig, run_dir) -> dict[str, Any]:
+    """The `trainer.dry_run=true` path of `run_training`: resolves the vocabulary, runs `dry_run`,
+    prints and writes `<run dir>/dry_run.json`."""
+    import json
+    from pathlib import Path
+
+    from moe_lm.data import get_tokenizer
+    from moe_lm.planning.counting import with_vocab
+
+    if cfg.model.vocab_size <= 0:
+        cfg = with_vocab(cfg, get_tokenizer(cfg.data.tokenizer).n_vocab)
+    result = dry_run(cfg)
+    print(f"dry run ok: forward + backward of {result['params']:,} parameters "
+          f"({result['moe_layers']} MoE layers) on the meta device, micro-batch "
+          f"{result['micro_batch'][0]} x {result['micro_batch'][1]} tokens, activation "
+          f"checkpointing {result['activation_checkpointing']}, {result['seconds']} s", flush=True)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(run_dir) / "dry_run.json").write_text(json.dumps(result, indent=2) + "\n")
+    return {**result, "step": 0}
