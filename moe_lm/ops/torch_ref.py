@@ -87,6 +87,8 @@ def _native_grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     """`torch._grouped_mm` runs on CUDA (sm90+, bf16) and, in recent torch, on CPU."""
     if not hasattr(torch, "_grouped_mm") or x.device.type == "meta" or x.dtype != w.dtype:
         return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return False  # the op's compile-time (meta) check accepts bf16 only
     aligned = all((n * x.element_size()) % 16 == 0 for n in (x.shape[1], w.shape[2]))
     if not aligned:  # the op requires 16-byte aligned row strides
         return False

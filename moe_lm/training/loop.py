@@ -25,6 +25,7 @@ from moe_lm.objectives import ExtraObjectives
 from moe_lm.model.router import Router, update_score_bias
 from moe_lm.parallel import build_mesh, clip_grad_norm_, init_on_device, parallelize, validate_layout
 from moe_lm.training import distributed as dist_utils
+from moe_lm.training.compile import compile_blocks
 from moe_lm.training.checkpoint import (
     check_identity,
     list_checkpoints,
@@ -109,6 +110,8 @@ class Trainer:
             self.model = Transformer(cfg.model, cfg.expert, cfg.loss)
         parallelize(self.model, self.mesh, cfg)
         init_on_device(self.model, self.device, cfg.trainer.seed)  # same values for any layout
+        if cfg.trainer.compile:
+            compile_blocks(self.model, self.device)
         # distillation teacher / MTP modules (attached as model.mtp, so before the optimizer)
         self.objectives = ExtraObjectives(cfg, self.model, self.device, tokenizer.name)
         self.optimizer = build_optimizer(self.model, cfg.optim)
