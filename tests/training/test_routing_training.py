@@ -47,7 +47,7 @@ def test_each_preset_trains_lowers_the_loss_and_logs_its_routing(tmp_path, tiny_
     if preset == "aux_free":
         bias = [r["moe/layer0/score_bias"] for r in train]
         assert any(b != [0.0] * 4 for b in bias) and last["moe/score_bias_absmax"] > 0
-        assert last["moe/score_bias_absmax"] <= 8 * 0.001 + 1e-9  # at most rate per step
+        assert last["moe/score_bias_absmax"] <= 8 * 0.01 + 1e-9  # at most the rate per step
     else:
         assert "moe/layer0/score_bias" not in last
     assert (run / "plots" / "expert_load_step_0000008.png").is_file()
