@@ -15,6 +15,7 @@ def get_backend(name: str) -> ModuleType:
     if name == "torch":
         from moe_lm.ops import torch_ref
 
+        torch_ref.probe_native_support()
         return torch_ref
     if name == "triton":
         from moe_lm.ops import triton_ops

@@ -99,17 +99,31 @@ def _native_grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 _CPU_SUPPORT: dict = {}  # dtype -> bool, probed once (a cache, not state)
+_PROBED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def probe_native_support() -> None:
+    """Finds out once whether this torch runs `torch._grouped_mm` (and its backward) on CPU.
+
+    Called when the backend is chosen, outside any forward: probing inside the first forward
+    would run under `no_grad` (evaluation: the backward cannot run, so the op would be wrongly
+    marked unsupported) or inside an activation-checkpointed block (extra ops in the forward
+    that the recomputation does not repeat)."""
+    for dtype in _PROBED_DTYPES:
+        _cpu_grouped_mm_works(dtype)
 
 
 def _cpu_grouped_mm_works(dtype: torch.dtype) -> bool:
     if dtype not in _CPU_SUPPORT:
         try:
-            x = torch.ones(3, 8, dtype=dtype, requires_grad=True)
-            w = torch.ones(2, 8, 16, dtype=dtype, requires_grad=True)
-            offs = torch.tensor([1, 3], dtype=torch.int32)
-            y = torch._grouped_mm(x, w, offs=offs)
-            y.backward(torch.ones_like(y).contiguous())
-            _CPU_SUPPORT[dtype] = bool(torch.allclose(y.float(), torch.full((3, 16), 8.0)))
-        except (RuntimeError, NotImplementedError, TypeError):
+            with torch.enable_grad():  # explicit device: also right under a meta default device
+                x = torch.ones(3, 8, dtype=dtype, device="cpu", requires_grad=True)
+                w = torch.ones(2, 8, 16, dtype=dtype, device="cpu", requires_grad=True)
+                offs = torch.tensor([1, 3], dtype=torch.int32, device="cpu")
+                y = torch._grouped_mm(x, w, offs=offs)
+                y.backward(torch.ones_like(y).contiguous())
+            _CPU_SUPPORT[dtype] = bool(torch.allclose(y.detach().float(),
+                                                      torch.full((3, 16), 8.0)))
+        except (RuntimeError, NotImplementedError, TypeError, AttributeError):
             _CPU_SUPPORT[dtype] = False
     return _CPU_SUPPORT[dtype]
