@@ -77,7 +77,7 @@ class DataConfig:
     """Where the tokens come from. `path=None` uses the built-in corpus (CPython's own text)."""
 
     path: Optional[str] = None
-    seq_len: int = 256
+    seq_len: int = 128
     batch_size: int = 8  # sequences per rank per micro-step
     tokenizer: str = "cl100k_base"
     val_fraction: float = 0.02
@@ -113,10 +113,10 @@ class RoutingMonitorConfig:
 class TrainerConfig:
     """The loop: length, cadence of logs/evals/checkpoints, device and precision."""
 
-    max_steps: int = 200
+    max_steps: int = 400
     stop_at: Optional[int] = None  # end early at this step; the schedule stays that of max_steps
     log_every: int = 10
-    eval_every: int = 50
+    eval_every: int = 100
     eval_batches: int = 8
     ckpt_every: int = 100
     keep_last: int = 2
