@@ -6,10 +6,15 @@ when this package is imported: set `TRITON_INTERPRET=1` before importing `moe_lm
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
 INTERPRET: bool = bool(triton.knobs.runtime.interpret)  # as triton.jit saw it at import
+# MOE_LM_KERNEL_AUTOTUNE=0: one tile config instead of the autotuner's list (GPU tests, whose
+# many shapes would otherwise each compile every config)
+AUTOTUNE: bool = os.environ.get("MOE_LM_KERNEL_AUTOTUNE", "1") != "0"
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import INTERPRET, check_device, dot_precision, interpreter_block
+from .config import AUTOTUNE, INTERPRET, check_device, dot_precision, interpreter_block
 
 
 def _mm_configs() -> list[triton.Config]:
@@ -31,6 +31,8 @@ def _mm_configs() -> list[triton.Config]:
         (64, 64, 64, 4, 4),
         (128, 128, 32, 4, 5),
     ]
+    if not AUTOTUNE:
+        shapes = shapes[1:2]
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
         for m, n, k, w, s in shapes

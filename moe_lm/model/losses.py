@@ -9,7 +9,8 @@ matmuls (logits, grad_h, grad_w) run per chunk. Within a chunk, blocks of R rows
 fp32) do the softmax work while it sits in cache: `log_softmax` straight from the bf16 logits into
 fp32 (one op), the target's log-probability, `exp_` in place, minus the one-hot, and one multiply
 that writes the scaled gradient back in the compute dtype. The forward computes the gradients, so
-the backward only scales what is already there. No (N, V) or (C, V) fp32 tensor ever exists.
+the backward only scales what is already there. No (N, V) tensor ever exists, and on the CPU no
+(C, V) fp32 one either (on a GPU the row blocks are whole chunks: launches cost more than passes).
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h_ND) if need_grad else None
         grad_w = None
         nll_N = torch.empty(N, dtype=acc_dtype, device=h_ND.device)
-        R = rows_per_block(V)
+        # CPU: cache-sized blocks; GPU: the whole chunk at once (thousands of small blocks would
+        # each pay kernel launches, and HBM bandwidth makes the extra passes cheap)
+        R = rows_per_block(V) if h_ND.device.type == "cpu" else chunk
         minus_one_R1 = torch.full((R, 1), -1.0, dtype=acc_dtype, device=h_ND.device)
         for start in range(0, N, chunk):
             hc_CD = h_c[start:start + chunk]

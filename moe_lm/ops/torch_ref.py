@@ -13,7 +13,9 @@ def route(expert_idx_Tk: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, 
     """Stable sort of the flattened assignments by expert; returns (order (T*k,), counts (E,))."""
     flat = expert_idx_Tk.reshape(-1)
     order = torch.sort(flat, stable=True).indices
-    counts = torch.bincount(flat, minlength=num_experts)
+    # not bincount: on CUDA it reads the largest index back to the host (a sync per layer)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
+    counts.scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.long))
     return order, counts
 
 

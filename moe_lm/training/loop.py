@@ -125,6 +125,9 @@ class Trainer:
         self.routing = RoutingAccumulator()
         self.monitor = RoutingMonitor(cfg.trainer.monitor)
         self.stop_requested = False
+        self._first_bad = torch.zeros((), dtype=torch.long, device=self.device)  # 0: all finite
+        self._bad_values: torch.Tensor | None = None  # (loss, grad norm) of the first bad step
+        self._last_logged = (0, time.time())  # (step, wall time) of the last logged row
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -173,7 +176,6 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         """One optimizer update over `grad_accum` micro-batches; returns its metrics row."""
         t = self.cfg.trainer
-        start = time.time()
         self.model.train()
         sums = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "z_loss": 0.0}
         step_loads: list[torch.Tensor] = []  # per MoE layer, tokens per expert over micro-steps
@@ -193,13 +195,7 @@ class Trainer:
             for key, value in extra_logs.items():  # distill_kl, mtp_loss
                 sums[key] = sums.get(key, 0.0) + value.detach() / t.grad_accum
         grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)  # global
-        bad = not (math.isfinite(float(sums["loss"])) and math.isfinite(float(grad_norm)))
-        if dist_utils.any_rank_true(bad, self.device):
-            raise TrainingError(
-                f"Non-finite loss or gradient norm at step {self.step + 1} (loss {float(sums['loss'])}, "
-                f"grad norm {float(grad_norm)}); the optimizer step was not taken. Lower optim.lr, "
-                "raise optim.warmup_steps or use trainer.precision=fp32, then resume from the last "
-                "checkpoint.")
+        self.skip_update_if_nonfinite(sums["loss"], grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.balance_routers(step_loads)
@@ -209,11 +205,57 @@ class Trainer:
         d = self.cfg.data
         step_tokens = t.grad_accum * d.batch_size * d.seq_len * dist_utils.world_size()
         self.tokens_seen += step_tokens
-        elapsed = time.time() - start
-        row = {"step": self.step, **dist_utils.mean_over_ranks(sums, self.device), "lr": lr,
-               "grad_norm": float(grad_norm), "tokens": self.tokens_seen,
-               "tokens_per_s": step_tokens / max(elapsed, 1e-9), "step_time": elapsed}
-        return row
+        # device tensors until `finish_row` reads them at a logging step: no host-device sync here
+        return {"step": self.step, **sums, "lr": lr, "grad_norm": grad_norm,
+                "tokens": self.tokens_seen, "step_tokens": step_tokens}
+
+    def skip_update_if_nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Makes the coming optimizer step a no-op if the (global) gradient norm is not finite.
+
+        The fused AdamW skips its update on device when `found_inf` is set (the mechanism
+        GradScaler uses), so the check needs no host-device sync; `check_finite` raises at the
+        next logging step. Other optimizers are checked here, at once."""
+        bad = ~torch.isfinite(grad_norm.detach()) | ~torch.isfinite(loss.detach())
+        if not self.optimizer.defaults.get("fused"):
+            self._first_bad = torch.where(bad, self.step + 1, 0)
+            self._bad_values = torch.stack([loss.detach().float(), grad_norm.detach().float()])
+            self.check_finite()
+            return
+        # the norm is global, so every rank skips the same steps; a rank's own loss only adds
+        # to the error's text
+        self.optimizer.found_inf = (~torch.isfinite(grad_norm.detach())).float()
+        first_bad = torch.where(bad & (self._first_bad == 0), self.step + 1, self._first_bad)
+        if self._bad_values is None:
+            self._bad_values = torch.zeros(2, device=grad_norm.device)
+        values = torch.stack([loss.detach().float(), grad_norm.detach().float()])
+        self._bad_values = torch.where(first_bad != self._first_bad, values, self._bad_values)
+        self._first_bad = first_bad
+
+    def check_finite(self) -> None:
+        """Raises if a step since the start had a non-finite loss or gradient norm (syncs)."""
+        first = int(self._first_bad)
+        if not dist_utils.any_rank_true(first > 0, self.device):
+            return
+        loss, norm = (self._bad_values.tolist() if first else (float("nan"), float("nan")))
+        step = first or "(on another rank)"
+        raise TrainingError(
+            f"Non-finite loss or gradient norm at step {step} (loss {loss}, grad norm {norm}); "
+            "the optimizer step was not taken. Lower optim.lr, raise optim.warmup_steps or use "
+            "trainer.precision=fp32, then resume from the last checkpoint.")
+
+    def finish_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A `train_step` row as logged: losses averaged over ranks, floats, measured speed."""
+        self.check_finite()
+        now = time.time()
+        steps = row["step"] - self._last_logged[0]
+        elapsed = (now - self._last_logged[1]) / max(steps, 1)  # per step, since the last row
+        self._last_logged = (row["step"], now)
+        row = dict(row)
+        step_tokens = row.pop("step_tokens")
+        losses = {k: v for k, v in row.items() if k.endswith("loss") or k == "distill_kl"}
+        return {**row, **dist_utils.mean_over_ranks(losses, self.device),
+                "grad_norm": float(row["grad_norm"]),
+                "tokens_per_s": step_tokens / max(elapsed, 1e-9), "step_time": elapsed}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
@@ -267,10 +309,12 @@ class Trainer:
         if self.step == 0:
             last_eval = self.evaluate()
             logger.log(last_eval), logger.console(last_eval)
+        self._last_logged = (self.step, time.time())
         with _sigterm_flag(self):
             while self.step < end:
                 row = self.train_step()
                 if self.step % t.log_every == 0 or self.step == end:
+                    row = self.finish_row(row)
                     row.update(self.routing.metrics())
                     if self.cfg.expert.bias_update_rate > 0:
                         row.update(score_bias_metrics([r.score_bias for r in self.routers()]))
@@ -280,11 +324,13 @@ class Trainer:
                         logger.alert(alert.title, alert.text)
                     self.routing.reset()
                 if self.step % t.eval_every == 0 or self.step == end:
+                    self.check_finite()
                     last_eval = self.evaluate()
                     logger.log(last_eval), logger.console(last_eval)
                     self.plot_routing(logger)
                 stopping = dist_utils.any_rank_true(self.stop_requested, self.device)
                 if self.step % t.ckpt_every == 0 or self.step == end or stopping:
+                    self.check_finite()  # never a checkpoint after an unchecked step
                     self.save()
                 if stopping:
                     if dist_utils.is_rank0():

@@ -28,21 +28,24 @@ class RoutingAccumulator:
 
     def reset(self) -> None:
         self.tokens: list[torch.Tensor] = []
-        self.dropped: list[float] = []
-        self.entropy: list[float] = []
+        self.dropped: list[torch.Tensor] = []  # device tensors: read at `metrics()`, so adding
+        self.entropy: list[torch.Tensor] = []  # a step's stats never waits on the device
         self.n = 0
 
     def add(self, stats: list[MoEStats]) -> None:
-        if not self.tokens:
-            self.tokens = [s.tokens_per_expert.detach().float().clone() for s in stats]
-            self.dropped = [0.0] * len(stats)
-            self.entropy = [0.0] * len(stats)
-        else:
-            for i, s in enumerate(stats):
-                self.tokens[i] += s.tokens_per_expert.detach().float()
+        fresh = not self.tokens
         for i, s in enumerate(stats):
-            self.dropped[i] += float(s.dropped_frac)
-            self.entropy[i] += float(s.entropy)
+            tokens = s.tokens_per_expert.detach().float()
+            dropped = torch.as_tensor(s.dropped_frac).detach().float()
+            entropy = s.entropy.detach().float()
+            if fresh:
+                self.tokens.append(tokens.clone())
+                self.dropped.append(dropped.clone())
+                self.entropy.append(entropy.clone())
+            else:
+                self.tokens[i] += tokens
+                self.dropped[i] = self.dropped[i] + dropped.to(self.dropped[i].device)
+                self.entropy[i] += entropy
         self.n += 1
 
     def metrics(self) -> dict[str, Any]:
@@ -57,7 +60,7 @@ class RoutingAccumulator:
             mean = tokens_E.mean().clamp_min(1e-9)
             imb = float(tokens_E.max() / mean)
             cv = float(tokens_E.std(unbiased=False) / mean)
-            d, h = self.dropped[i] / self.n, self.entropy[i] / self.n
+            d, h = float(self.dropped[i]) / self.n, float(self.entropy[i]) / self.n
             row[f"moe/layer{i}/tokens_per_expert"] = [int(t) for t in tokens_E.tolist()]
             row[f"moe/layer{i}/load_imbalance"] = imb
             row[f"moe/layer{i}/load_cv"] = cv

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The GPU checks in one call: CUDA tests of the kernels and ops, then the three benchmarks.
+#
+#   bash experiments/gpu_check.sh [OUTDIR]      # default OUTDIR: experiments/results/gpu_run
+#
+# Runs against the machine's own python3/torch/triton/transformers. Packages missing there can be
+# carried as wheels in .whl/ (installed into /tmp/site). Each stage has its own time limit so that
+# one slow stage cannot starve the rest; the logs and the markdown report land in OUTDIR.
+set -u
+OUT_DIR=${1:-experiments/results/gpu_run}
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
+export MOE_LM_KERNEL_AUTOTUNE=${MOE_LM_KERNEL_AUTOTUNE:-1}
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+# moe_lm.kernels and moe_lm.conf are kernels/ and conf/ (pyproject's package-dir), without an
+# install: links in this copy of the tree
+[ -e moe_lm/kernels ] || ln -s ../kernels moe_lm/kernels
+[ -e moe_lm/conf ] || ln -s ../conf moe_lm/conf
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+REPORT=$OUT_DIR/report.md
+
+stage() {  # stage NAME SECONDS CMD...: runs CMD under a limit, log in OUT_DIR/NAME.log
+    local name=$1 limit=$2; shift 2
+    echo "=== $name (limit ${limit}s): $*"
+    local t0=$SECONDS
+    timeout "$limit" "$@" > "$OUT_DIR/$name.log" 2>&1
+    local rc=$?
+    echo "=== $name: rc=$rc in $((SECONDS - t0))s"
+    tail -n "${TAIL:-6}" "$OUT_DIR/$name.log"
+}
+
+{
+    echo "# GPU run $(date -u +%Y-%m-%dT%H:%MZ)"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+    python3 -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0], \
+'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, \
+'transformers', transformers.__version__)"
+} > "$REPORT" 2>&1
+cat "$REPORT"
+
+MOE_LM_KERNEL_AUTOTUNE=0 TAIL=12 stage gpu_tests "${T_TESTS:-120}" python3 -m pytest -q -m gpu \
+    -p no:cacheprovider tests/kernels tests/ops
+stage bench_train "${T_TRAIN:-150}" python3 experiments/bench_train.py --device cuda \
+    --layers 12 --d-model 1536 --heads 12 --kv-heads 4 --experts 8 --top-k 2 --hidden 2048 \
+    --seq-len 2048 --batch 8 --backends torch,triton --steps 8 --warmup 3 --markdown "$REPORT"
+stage bench_layer "${T_LAYER:-50}" python3 experiments/bench_moe_layer.py --tokens 16384 \
+    --d-model 1536 --hidden 2048 --reps 20 --warmup 3 --markdown "$REPORT"
+stage bench_kernels "${T_KERNELS:-90}" python3 experiments/bench_kernels.py --shapes mixtral fine \
+    --out "$REPORT"
+echo "=== done"
