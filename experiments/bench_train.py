@@ -48,7 +48,8 @@ def moe_lm_config(args: argparse.Namespace, compile: bool = False, backend: str 
         "expert": {"num_experts": args.experts, "top_k": args.top_k, "hidden_size": args.hidden,
                    "backend": backend},
         "loss": {"aux_coef": 0.01, "z_coef": 0.0},
-        "data": {"seq_len": args.seq_len, "batch_size": args.batch},
+        # val_fraction: the Trainer builds a validation loader, which needs one whole batch
+        "data": {"seq_len": args.seq_len, "batch_size": args.batch, "val_fraction": 0.1},
         "trainer": {"max_steps": 10_000, "precision": args.precision, "compile": compile,
                     "device": args.device},
         "logger": {"wandb": {"mode": "disabled"}},
@@ -178,9 +179,16 @@ def run(args: argparse.Namespace) -> str:
     for step in range(args.warmup + args.steps):
         order = names[step % len(names):] + names[:step % len(names)]
         for name in order:
+            if name not in names:
+                continue
             _sync(device)
             start = time.perf_counter()
-            loss = candidates[name]()
+            try:
+                loss = candidates[name]()
+            except (RuntimeError, ValueError, NotImplementedError) as err:  # e.g. out of memory
+                print(f"dropping {name}: {type(err).__name__}: {str(err)[:300]}", flush=True)
+                names.remove(name)
+                continue
             _sync(device)
             if step >= args.warmup:
                 times[name].append(time.perf_counter() - start)
@@ -194,7 +202,7 @@ def run(args: argparse.Namespace) -> str:
     fpt = flops_per_token(trainer)
     peak_dtype = torch.bfloat16 if cfg.trainer.precision == "bf16" else torch.float32
     peak = measure_peak_flops(peak_dtype, device)
-    med = {n: statistics.median(t) for n, t in times.items()}
+    med = {n: statistics.median(times[n]) for n in names}  # those that ran to the end
     params = count_params(trainer.cfg.model, trainer.cfg.expert)
     hf_params = {n: sum(p.numel() for p in c.model.parameters())
                  for n, c in candidates.items() if n not in ours}
@@ -221,7 +229,7 @@ def run(args: argparse.Namespace) -> str:
         lines.append(f"| {n} | {med[n]:.2f} | {min(times[n]):.2f} | {max(times[n]):.2f} | "
                      f"{first.get(n, float('nan')):.2f} | {tps:.0f} | {tps * fpt / 1e9:.0f} | {tps * fpt / peak:.1%} |")
     lines.append("")
-    best = min(ours, key=med.get)
+    best = min((n for n in ours if n in names), key=med.get)
     for n in names:
         if n != best:
             target = " (target >= 1.5x)" if n not in ours else ""

@@ -41,13 +41,20 @@ stage() {  # stage NAME SECONDS CMD...: runs CMD under a limit, log in OUT_DIR/N
 } > "$REPORT" 2>&1
 cat "$REPORT"
 
-MOE_LM_KERNEL_AUTOTUNE=0 TAIL=12 stage gpu_tests "${T_TESTS:-120}" python3 -m pytest -q -m gpu \
-    -p no:cacheprovider tests/kernels tests/ops
-stage bench_train "${T_TRAIN:-150}" python3 experiments/bench_train.py --device cuda \
-    --layers 12 --d-model 1536 --heads 12 --kv-heads 4 --experts 8 --top-k 2 --hidden 2048 \
-    --seq-len 2048 --batch 8 --backends torch,triton --steps 8 --warmup 3 --markdown "$REPORT"
-stage bench_layer "${T_LAYER:-50}" python3 experiments/bench_moe_layer.py --tokens 16384 \
-    --d-model 1536 --hidden 2048 --reps 20 --warmup 3 --markdown "$REPORT"
-stage bench_kernels "${T_KERNELS:-90}" python3 experiments/bench_kernels.py --shapes mixtral fine \
-    --out "$REPORT"
+MODEL="--layers 12 --d-model 1536 --heads 12 --kv-heads 4 --experts 8 --top-k 2 --hidden 2048 \
+    --seq-len 2048 --batch 8"  # about 1.1B parameters, 0.46B active per token
+# correctness first: the CUDA tests, 8 processes (each compiles its kernels)
+MOE_LM_KERNEL_AUTOTUNE=0 TAIL=25 stage gpu_tests "${T_TESTS:-110}" python3 -m pytest -q -m gpu \
+    -p no:cacheprovider -n 8 --tb=short tests/kernels tests/ops
+stage bench_train "${T_TRAIN:-110}" python3 experiments/bench_train.py --device cuda $MODEL \
+    --backends torch,triton --steps 6 --warmup 3 --markdown "$REPORT"
+TAIL=45 stage profile "${T_PROFILE:-60}" python3 experiments/profile_step.py --device cuda $MODEL \
+    --steps 2 --warmup 2
+[ -n "${SKIP_COMPILE:-}" ] || stage bench_train_compile "${T_COMPILE:-110}" python3 \
+    experiments/bench_train.py --device cuda $MODEL --compile --hf-impls "" --steps 6 --warmup 2 \
+    --markdown "$REPORT"
+[ -n "${WITH_KERNELS:-}" ] && stage bench_layer "${T_LAYER:-50}" python3 experiments/bench_moe_layer.py \
+    --tokens 16384 --d-model 1536 --hidden 2048 --reps 20 --warmup 3 --markdown "$REPORT"
+[ -n "${WITH_KERNELS:-}" ] && stage bench_kernels "${T_KERNELS:-90}" python3 \
+    experiments/bench_kernels.py --shapes mixtral fine --out "$REPORT"
 echo "=== done"

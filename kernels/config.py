@@ -12,7 +12,7 @@ import torch
 import triton
 
 INTERPRET: bool = bool(triton.knobs.runtime.interpret)  # as triton.jit saw it at import
-# MOE_LM_KERNEL_AUTOTUNE=0: one tile config instead of the autotuner's list (GPU tests, whose
+# MOE_LM_KERNEL_AUTOTUNE=0: two tile configs instead of the autotuner's list (GPU tests, whose
 # many shapes would otherwise each compile every config)
 AUTOTUNE: bool = os.environ.get("MOE_LM_KERNEL_AUTOTUNE", "1") != "0"
 
