@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU checks in one call: CUDA tests of the kernels and ops, then the three benchmarks.
+# The GPU checks in one call: CUDA tests of the kernels and ops, the benchmarks, a step profile.
 #
 #   bash experiments/gpu_check.sh [OUTDIR]      # default OUTDIR: experiments/results/gpu_run
+#   STAGES="train compile" T_TRAIN=80 bash experiments/gpu_check.sh /tmp/out  # some stages
 #
 # Runs against the machine's own python3/torch/triton/transformers. Packages missing there can be
 # carried as wheels in .whl/ (installed into /tmp/site). Each stage has its own time limit so that
@@ -43,18 +44,27 @@ cat "$REPORT"
 
 MODEL="--layers 12 --d-model 1536 --heads 12 --kv-heads 4 --experts 8 --top-k 2 --hidden 2048 \
     --seq-len 2048 --batch 8"  # about 1.1B parameters, 0.46B active per token
-# correctness first: the CUDA tests, 8 processes (each compiles its kernels)
-MOE_LM_KERNEL_AUTOTUNE=0 TAIL=25 stage gpu_tests "${T_TESTS:-110}" python3 -m pytest -q -m gpu \
-    -p no:cacheprovider -n 8 --tb=short tests/kernels tests/ops
-stage bench_train "${T_TRAIN:-110}" python3 experiments/bench_train.py --device cuda $MODEL \
-    --backends torch,triton --steps 6 --warmup 3 --markdown "$REPORT"
-TAIL=45 stage profile "${T_PROFILE:-60}" python3 experiments/profile_step.py --device cuda $MODEL \
-    --steps 2 --warmup 2
-[ -n "${SKIP_COMPILE:-}" ] || stage bench_train_compile "${T_COMPILE:-110}" python3 \
-    experiments/bench_train.py --device cuda $MODEL --compile --hf-impls "" --steps 6 --warmup 2 \
-    --markdown "$REPORT"
-[ -n "${WITH_KERNELS:-}" ] && stage bench_layer "${T_LAYER:-50}" python3 experiments/bench_moe_layer.py \
-    --tokens 16384 --d-model 1536 --hidden 2048 --reps 20 --warmup 3 --markdown "$REPORT"
-[ -n "${WITH_KERNELS:-}" ] && stage bench_kernels "${T_KERNELS:-90}" python3 \
-    experiments/bench_kernels.py --shapes mixtral fine --out "$REPORT"
+for name in ${STAGES:-tests train profile compile layer kernels}; do
+    case $name in
+    tests)  # correctness first: the CUDA tests, 8 processes (each compiles its kernels)
+        MOE_LM_KERNEL_AUTOTUNE=0 TAIL=25 stage gpu_tests "${T_TESTS:-150}" python3 -m pytest -q \
+            -m gpu -p no:cacheprovider -n 8 --tb=short ${TEST_PATHS:-tests/kernels tests/ops} ;;
+    train)
+        stage bench_train "${T_TRAIN:-110}" python3 experiments/bench_train.py --device cuda \
+            $MODEL --backends "${BACKENDS:-torch,triton}" --hf-impls "${HF_IMPLS:-eager,grouped_mm}" \
+            --steps 6 --warmup 3 --markdown "$REPORT" ;;
+    profile)
+        TAIL=45 stage profile "${T_PROFILE:-60}" python3 experiments/profile_step.py --device cuda \
+            $MODEL --steps 2 --warmup 2 ;;
+    compile)
+        stage bench_train_compile "${T_COMPILE:-150}" python3 experiments/bench_train.py \
+            --device cuda $MODEL --compile --hf-impls "" --steps 5 --warmup 2 --markdown "$REPORT" ;;
+    layer)
+        stage bench_layer "${T_LAYER:-50}" python3 experiments/bench_moe_layer.py --tokens 16384 \
+            --d-model 1536 --hidden 2048 --reps 20 --warmup 3 --markdown "$REPORT" ;;
+    kernels)
+        stage bench_kernels "${T_KERNELS:-90}" python3 experiments/bench_kernels.py \
+            --shapes mixtral fine --out "$REPORT" ;;
+    esac
+done
 echo "=== done"

@@ -7,14 +7,16 @@ import torch.nn.functional as F
 from moe_lm.model.losses import fused_linear_cross_entropy
 
 
-@pytest.mark.parametrize("N, chunk", [(7, 3), (64, 64), (33, 1024)])
-def test_fused_cross_entropy_matches_reference_with_ignored_targets(N, chunk):
+@pytest.mark.parametrize("N, chunk, pad_to", [(7, 3, 1), (64, 64, 1), (33, 1024, 1), (33, 8, 128),
+                                               (20, 64, 16)])
+def test_fused_cross_entropy_matches_reference_with_ignored_targets(N, chunk, pad_to):
+    """pad_to: the vocabulary padded inside the matmuls, as on a GPU (zero rows, -inf logits)."""
     h = torch.randn(N, 16, requires_grad=True, dtype=torch.float64)
     w = torch.randn(50, 16, requires_grad=True, dtype=torch.float64)
     y = torch.randint(0, 50, (N,))
     y[::5] = -100
     ref = F.cross_entropy(h @ w.t(), y, ignore_index=-100)
-    got = fused_linear_cross_entropy(h, w, y, chunk=chunk)
+    got = fused_linear_cross_entropy(h, w, y, chunk=chunk, pad_to=pad_to)
     torch.testing.assert_close(got, ref)
     g = torch.randn(())
     torch.testing.assert_close(torch.autograd.grad(got * g, [h, w]),
