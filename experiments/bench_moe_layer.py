@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 
 from moe_lm.config import ExpertConfig, LossConfig
+from moe_lm.training.cpu_memory import keep_freed_cpu_memory
 from moe_lm.model.moe import MoE, SwiGLU
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -53,7 +54,8 @@ def environment_lines(threads: int) -> list[str]:
         f"{load:.2f}",
         f"- versions: python {platform.python_version()}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}",
-        f"- threads: torch.get_num_threads() = {threads}",
+        f"- threads: torch.get_num_threads() = {threads}; CPU malloc keeps freed memory (as in "
+        f"moe_lm training, for every candidate): {keep_freed_cpu_memory()}",
         f"- command: `python {' '.join(sys.argv)}`",
     ]
 
@@ -150,6 +152,8 @@ def _hf_block(hf, impl: str):
 def run(args: argparse.Namespace) -> str:
     """Runs the benchmark and returns the markdown report it printed."""
     device = torch.device(args.device)
+    if device.type == "cpu":
+        keep_freed_cpu_memory()  # what a moe_lm training process does; applies to all candidates
     dtype = DTYPES[args.dtype]
     T, E, k, D, F = args.tokens, args.experts, args.top_k, args.d_model, args.hidden
     ours, dense, hf = build_layers(T, E, k, D, F, dtype, device)

@@ -22,6 +22,8 @@ def route(expert_idx_Tk: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, 
 def gather(x_TD: torch.Tensor, order_M: torch.Tensor, top_k: int) -> torch.Tensor:
     """Rows of x in expert order, each token repeated per assignment: (M, D) = x[order // k]."""
     T, D = x_TD.shape
+    if order_M.numel() == T * top_k:  # dropless: order is a permutation of all T*k assignments
+        return _GatherPermuted.apply(x_TD, order_M, top_k)
     x_TkD = x_TD.unsqueeze(1).expand(T, top_k, D).reshape(T * top_k, D)
     return _UniqueRowSelect.apply(x_TkD, order_M)
 
@@ -29,8 +31,67 @@ def gather(x_TD: torch.Tensor, order_M: torch.Tensor, top_k: int) -> torch.Tenso
 def scatter(y_MD: torch.Tensor, order_M: torch.Tensor, weights_Tk: torch.Tensor) -> torch.Tensor:
     """Back to token order with the combine: out[t] = sum_j w[t, j] * y[pos(t*k + j)]; (T, D)."""
     T, k = weights_Tk.shape
+    if order_M.numel() == T * k:
+        return _CombinePermuted.apply(y_MD, order_M, weights_Tk.to(y_MD.dtype))
     y_TkD = y_MD.new_zeros(T * k, y_MD.shape[1]).index_copy(0, order_M, y_MD)
     return (y_TkD.view(T, k, -1) * weights_Tk.to(y_MD.dtype).unsqueeze(-1)).sum(1)
+
+
+def inverse_permutation(order_M: torch.Tensor) -> torch.Tensor:
+    """inv with inv[order[m]] = m."""
+    arange = torch.arange(order_M.numel(), device=order_M.device, dtype=order_M.dtype)
+    return torch.empty_like(order_M).scatter_(0, order_M, arange)
+
+
+# The dropless fast paths: with a full permutation every pass is a row gather (no zero-filled
+# buffers, no index_copy, no atomics), and sums over the k assignments of a token are k - 1 adds
+# of (T, D) slices (a reduction over the middle dim of (T, k, D), or a bmm with k x D blocks, is
+# 3-5x slower on a CPU).
+def _weighted_sum_over_k(y_TkD: torch.Tensor, w_Tk: torch.Tensor | None) -> torch.Tensor:
+    """sum_j w[:, j] * y[:, j] (or the plain sum with w None); (T, D)."""
+    k = y_TkD.shape[1]
+    out = y_TkD[:, 0] * w_Tk[:, :1] if w_Tk is not None else y_TkD[:, 0].clone()
+    for j in range(1, k):
+        if w_Tk is not None:
+            out.addcmul_(y_TkD[:, j], w_Tk[:, j:j + 1])
+        else:
+            out.add_(y_TkD[:, j])
+    return out
+
+
+class _GatherPermuted(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD: torch.Tensor, order_M: torch.Tensor, top_k: int) -> torch.Tensor:
+        ctx.save_for_backward(order_M)
+        ctx.top_k = top_k
+        return x_TD.index_select(0, torch.div(order_M, top_k, rounding_mode="floor"))
+
+    @staticmethod
+    def backward(ctx, grad_MD: torch.Tensor):
+        (order_M,) = ctx.saved_tensors
+        grad_TkD = grad_MD.index_select(0, inverse_permutation(order_M))
+        T = grad_TkD.shape[0] // ctx.top_k
+        return _weighted_sum_over_k(grad_TkD.view(T, ctx.top_k, -1), None), None, None
+
+
+class _CombinePermuted(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_MD: torch.Tensor, order_M: torch.Tensor, w_Tk: torch.Tensor):
+        T, k = w_Tk.shape
+        y_TkD = y_MD.index_select(0, inverse_permutation(order_M)).view(T, k, -1)
+        ctx.save_for_backward(y_TkD, order_M, w_Tk)
+        return _weighted_sum_over_k(y_TkD, w_Tk)
+
+    @staticmethod
+    def backward(ctx, grad_TD: torch.Tensor):
+        y_TkD, order_M, w_Tk = ctx.saved_tensors
+        grad_y = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_y_TkD = w_Tk.unsqueeze(2) * grad_TD.unsqueeze(1)  # (T, k, D)
+            grad_y = grad_y_TkD.view(order_M.numel(), -1).index_select(0, order_M)
+        if ctx.needs_input_grad[2]:
+            grad_w = (y_TkD * grad_TD.unsqueeze(1)).sum(-1)
+        return grad_y, None, grad_w
 
 
 class _UniqueRowSelect(torch.autograd.Function):

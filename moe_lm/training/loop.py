@@ -26,6 +26,7 @@ from moe_lm.model.router import Router, update_score_bias
 from moe_lm.parallel import build_mesh, clip_grad_norm_, init_on_device, parallelize, validate_layout
 from moe_lm.training import distributed as dist_utils
 from moe_lm.training.compile import compile_blocks
+from moe_lm.training.cpu_memory import keep_freed_cpu_memory
 from moe_lm.training.checkpoint import (
     check_identity,
     list_checkpoints,
@@ -94,6 +95,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path):
         self.run_dir = Path(run_dir)
         self.device = resolve_device(cfg.trainer.device)
+        if self.device.type == "cpu":
+            keep_freed_cpu_memory()  # large CPU tensors reuse the heap instead of page faults
         validate_layout(cfg.parallel, cfg.expert, dist_utils.world_size(), self.device.type)
         torch.manual_seed(cfg.trainer.seed)
         tokenizer = get_tokenizer(cfg.data.tokenizer)
