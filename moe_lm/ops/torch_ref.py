@@ -7,6 +7,7 @@ Legend: T tokens, k assignments per token, M = kept assignments (<= T*k), E expe
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def route(expert_idx_Tk: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,22 +44,11 @@ def inverse_permutation(order_M: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order_M).scatter_(0, order_M, arange)
 
 
-# The dropless fast paths: with a full permutation every pass is a row gather (no zero-filled
-# buffers, no index_copy, no atomics), and sums over the k assignments of a token are k - 1 adds
-# of (T, D) slices (a reduction over the middle dim of (T, k, D), or a bmm with k x D blocks, is
-# 3-5x slower on a CPU).
-def _weighted_sum_over_k(y_TkD: torch.Tensor, w_Tk: torch.Tensor | None) -> torch.Tensor:
-    """sum_j w[:, j] * y[:, j] (or the plain sum with w None); (T, D)."""
-    k = y_TkD.shape[1]
-    out = y_TkD[:, 0] * w_Tk[:, :1] if w_Tk is not None else y_TkD[:, 0].clone()
-    for j in range(1, k):
-        if w_Tk is not None:
-            out.addcmul_(y_TkD[:, j], w_Tk[:, j:j + 1])
-        else:
-            out.add_(y_TkD[:, j])
-    return out
-
-
+# The dropless fast paths. With a full permutation each token's k rows are a fixed-size "bag",
+# so the sums over a token's assignments (the combine, the gather's backward) are one
+# `embedding_bag` each: gather and weighted sum in one pass, fp32 accumulation inside, no
+# zero-filled buffers, no index_copy, no (T, k, D) intermediate (2-3x faster on a CPU than
+# index_select + adds).
 class _GatherPermuted(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD: torch.Tensor, order_M: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -69,28 +59,29 @@ class _GatherPermuted(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_MD: torch.Tensor):
         (order_M,) = ctx.saved_tensors
-        grad_TkD = grad_MD.index_select(0, inverse_permutation(order_M))
-        T = grad_TkD.shape[0] // ctx.top_k
-        return _weighted_sum_over_k(grad_TkD.view(T, ctx.top_k, -1), None), None, None
+        bags_Tk = inverse_permutation(order_M).view(-1, ctx.top_k)  # row of each assignment
+        return F.embedding_bag(bags_Tk, grad_MD, mode="sum"), None, None
 
 
 class _CombinePermuted(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_MD: torch.Tensor, order_M: torch.Tensor, w_Tk: torch.Tensor):
-        T, k = w_Tk.shape
-        y_TkD = y_MD.index_select(0, inverse_permutation(order_M)).view(T, k, -1)
-        ctx.save_for_backward(y_TkD, order_M, w_Tk)
-        return _weighted_sum_over_k(y_TkD, w_Tk)
+        bags_Tk = inverse_permutation(order_M).view(w_Tk.shape)
+        ctx.save_for_backward(y_MD, order_M, w_Tk)
+        return F.embedding_bag(bags_Tk, y_MD, per_sample_weights=w_Tk, mode="sum")
 
     @staticmethod
     def backward(ctx, grad_TD: torch.Tensor):
-        y_TkD, order_M, w_Tk = ctx.saved_tensors
+        y_MD, order_M, w_Tk = ctx.saved_tensors
+        k = w_Tk.shape[1]
+        grad_MD = grad_TD.index_select(0, torch.div(order_M, k, rounding_mode="floor"))
         grad_y = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_y_TkD = w_Tk.unsqueeze(2) * grad_TD.unsqueeze(1)  # (T, k, D)
-            grad_y = grad_y_TkD.view(order_M.numel(), -1).index_select(0, order_M)
-        if ctx.needs_input_grad[2]:
-            grad_w = (y_TkD * grad_TD.unsqueeze(1)).sum(-1)
+            grad_y = grad_MD * w_Tk.reshape(-1)[order_M].unsqueeze(1)
+        if ctx.needs_input_grad[2]:  # d out[t] / d w[t, j] = y of that assignment
+            grad_w_M = torch.linalg.vecdot(grad_MD, y_MD)
+            grad_w = torch.empty_like(w_Tk).view(-1).index_copy_(0, order_M, grad_w_M)
+            grad_w = grad_w.view(w_Tk.shape)
         return grad_y, None, grad_w
 
 
