@@ -23,7 +23,7 @@ def route(expert_idx_Tk: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, 
 def gather(x_TD: torch.Tensor, order_M: torch.Tensor, top_k: int) -> torch.Tensor:
     """Rows of x in expert order, each token repeated per assignment: (M, D) = x[order // k]."""
     T, D = x_TD.shape
-    if order_M.numel() == T * top_k:  # dropless: order is a permutation of all T*k assignments
+    if _dropless_fast_path(x_TD, order_M, T * top_k):
         return _GatherPermuted.apply(x_TD, order_M, top_k)
     x_TkD = x_TD.unsqueeze(1).expand(T, top_k, D).reshape(T * top_k, D)
     return _UniqueRowSelect.apply(x_TkD, order_M)
@@ -32,10 +32,16 @@ def gather(x_TD: torch.Tensor, order_M: torch.Tensor, top_k: int) -> torch.Tenso
 def scatter(y_MD: torch.Tensor, order_M: torch.Tensor, weights_Tk: torch.Tensor) -> torch.Tensor:
     """Back to token order with the combine: out[t] = sum_j w[t, j] * y[pos(t*k + j)]; (T, D)."""
     T, k = weights_Tk.shape
-    if order_M.numel() == T * k:
+    if _dropless_fast_path(y_MD, order_M, T * k):
         return _CombinePermuted.apply(y_MD, order_M, weights_Tk.to(y_MD.dtype))
     y_TkD = y_MD.new_zeros(T * k, y_MD.shape[1]).index_copy(0, order_M, y_MD)
     return (y_TkD.view(T, k, -1) * weights_Tk.to(y_MD.dtype).unsqueeze(-1)).sum(1)
+
+
+def _dropless_fast_path(x: torch.Tensor, order_M: torch.Tensor, assignments: int) -> bool:
+    """Dropless (order is a permutation of all T*k assignments) on a CPU. The GPU keeps the
+    general path: it is the one measured there (experiments/results/gpu_h200_2026-11-26.md)."""
+    return order_M.numel() == assignments and x.device.type == "cpu"
 
 
 def inverse_permutation(order_M: torch.Tensor) -> torch.Tensor:
