@@ -65,8 +65,12 @@ class _GatherPermuted(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_MD: torch.Tensor):
         (order_M,) = ctx.saved_tensors
-        bags_Tk = inverse_permutation(order_M).view(-1, ctx.top_k)  # row of each assignment
-        return F.embedding_bag(bags_Tk, grad_MD, mode="sum"), None, None
+        k = ctx.top_k
+        grad_TkD = grad_MD.index_select(0, inverse_permutation(order_M)).view(-1, k, grad_MD.shape[1])
+        grad_TD = grad_TkD[:, 0].clone()
+        for j in range(1, k):  # k - 1 adds of (T, D) slices: rounded to nearest, like autograd's sum
+            grad_TD += grad_TkD[:, j]
+        return grad_TD, None, None
 
 
 class _CombinePermuted(torch.autograd.Function):
