@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 from moe_lm.config import ExpertConfig, LossConfig
-from moe_lm.training.cpu_memory import keep_freed_cpu_memory
+from moe_lm.training.cpu_memory import freed_cpu_memory_kept, keep_freed_cpu_memory
 from moe_lm.model.moe import MoE, SwiGLU
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -55,7 +55,7 @@ def environment_lines(threads: int) -> list[str]:
         f"- versions: python {platform.python_version()}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}",
         f"- threads: torch.get_num_threads() = {threads}; CPU malloc keeps freed memory (as in "
-        f"moe_lm training, for every candidate): {keep_freed_cpu_memory()}",
+        f"moe_lm training, for every candidate): {freed_cpu_memory_kept()}",
         f"- command: `python {' '.join(sys.argv)}`",
     ]
 

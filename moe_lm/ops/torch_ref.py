@@ -50,11 +50,11 @@ def inverse_permutation(order_M: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order_M).scatter_(0, order_M, arange)
 
 
-# The dropless fast paths. With a full permutation each token's k rows are a fixed-size "bag",
-# so the sums over a token's assignments (the combine, the gather's backward) are one
-# `embedding_bag` each: gather and weighted sum in one pass, fp32 accumulation inside, no
-# zero-filled buffers, no index_copy, no (T, k, D) intermediate (2-3x faster on a CPU than
-# index_select + adds).
+# The dropless fast paths (CPU). With a full permutation each token's k rows are a fixed-size
+# "bag": the combine is one `embedding_bag` with the routing weights as per-sample weights
+# (gather and weighted sum in one pass, fp32 accumulation), the backward passes are row gathers,
+# plain adds and a row dot; no zero-filled buffers, no index_copy, no sums over the middle dim
+# of a (T, k, D) tensor.
 class _GatherPermuted(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD: torch.Tensor, order_M: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -90,8 +90,8 @@ class _CombinePermuted(torch.autograd.Function):
             grad_y = grad_MD * w_Tk.reshape(-1)[order_M].unsqueeze(1)
         if ctx.needs_input_grad[2]:  # d out[t] / d w[t, j] = y of that assignment
             grad_w_M = torch.linalg.vecdot(grad_MD, y_MD)
-            grad_w = torch.empty_like(w_Tk).view(-1).index_copy_(0, order_M, grad_w_M)
-            grad_w = grad_w.view(w_Tk.shape)
+            grad_w = w_Tk.new_empty(w_Tk.numel()).index_copy_(0, order_M, grad_w_M)
+            grad_w = grad_w.view(w_Tk.shape)  # logical (t, j) order, whatever w_Tk's strides
         return grad_y, None, grad_w
 
 

@@ -38,3 +38,8 @@ def keep_freed_cpu_memory() -> bool:
     _applied = bool(mallopt(_M_TRIM_THRESHOLD, KEEP_BYTES)) and bool(
         mallopt(_M_MMAP_THRESHOLD, KEEP_BYTES))
     return _applied
+
+
+def freed_cpu_memory_kept() -> bool:
+    """Whether `keep_freed_cpu_memory` has taken effect in this process (applies nothing)."""
+    return bool(_applied)

@@ -42,3 +42,16 @@ def test_dropless_dispatch_passes_gradcheck():
     w = torch.rand(3, 2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda x, w: torch_ref.scatter(torch_ref.gather(x, order_M, 2).sin(), order_M, w), (x, w))
+
+
+def test_dropless_combine_weight_gradient_keeps_logical_order_for_strided_weights():
+    idx_Tk = torch.tensor([[0, 1], [2, 0], [1, 2], [0, 2], [1, 0], [2, 1]])
+    T, k, D = 6, 2, 4
+    order_M, _ = torch_ref.route(idx_Tk, 3)
+    y = torch.randn(T * k, D, dtype=torch.float64)
+    w_kT = torch.rand(k, T, dtype=torch.float64, requires_grad=True)
+    out = torch_ref.scatter(y, order_M, w_kT.t())  # (T, k) weights with transposed strides
+    g = torch.randn(T, D, dtype=torch.float64)
+    (grad_kT,) = torch.autograd.grad(out, [w_kT], g)
+    y_TkD = torch.empty_like(y).index_put((order_M,), y).view(T, k, D)
+    torch.testing.assert_close(grad_kT, (y_TkD * g.unsqueeze(1)).sum(-1).t())
