@@ -153,6 +153,11 @@ def bench_dispatch(s: Shape, device: torch.device, dtype: torch.dtype, time_ms, 
                  gbs(moved, time_ms(lambda: torch_ref.gather(x_TD, order_M, s.k)))))
     rows.append(("torch scatter (index_add)",
                  gbs(scatter_moved, time_ms(lambda: torch_ref.scatter(y_MD, order_M, w_Tk)))))
+    # the dropless paths the torch backend takes on CPU tensors (on the GPU: for comparison)
+    rows.append(("torch dropless gather (index_select)", gbs(moved, time_ms(
+        lambda: torch_ref._GatherPermuted.apply(x_TD, order_M, s.k)))))
+    rows.append(("torch dropless combine (embedding_bag)", gbs(scatter_moved, time_ms(
+        lambda: torch_ref._CombinePermuted.apply(y_MD, order_M, w_Tk)))))
     if use_triton:
         rows.append(("triton route (ms, not GB/s)", time_ms(lambda: kernels.route(idx_Tk, s.E))))
     rows.append(("torch route (ms, not GB/s)", time_ms(lambda: torch_ref.route(idx_Tk, s.E))))

@@ -149,6 +149,23 @@ def _hf_block(hf, impl: str):
     return hf
 
 
+def _with_cpu_dispatch(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """fn run with the torch backend's dropless dispatch (index_select / embedding_bag, used on
+    CPU tensors only) switched on for every device."""
+    from moe_lm.ops import torch_ref
+
+    def run_with_fast_path() -> torch.Tensor:
+        default = torch_ref._dropless_fast_path
+        torch_ref._dropless_fast_path = lambda x, order_M, assignments: (
+            order_M.numel() == assignments)
+        try:
+            return fn()
+        finally:
+            torch_ref._dropless_fast_path = default
+
+    return run_with_fast_path
+
+
 def run(args: argparse.Namespace) -> str:
     """Runs the benchmark and returns the markdown report it printed."""
     device = torch.device(args.device)
@@ -172,6 +189,9 @@ def run(args: argparse.Namespace) -> str:
         triton_layer.load_state_dict(ours.state_dict())
         candidates["moe_lm MoE (triton backend)"] = lambda: forward_backward(
             triton_layer, x_BSD, dy_BSD, "moe_lm")
+        # not a ratio candidate: would the CPU's dropless dispatch pay on the GPU too?
+        candidates["experiment: torch backend with the CPU dispatch"] = _with_cpu_dispatch(
+            lambda: forward_backward(ours, x_BSD, dy_BSD, "moe_lm"))
     candidates |= {
         "transformers Mixtral eager": lambda: forward_backward(
             _hf_block(hf_eager, "eager"), x_BSD, dy_BSD, "hf"),
