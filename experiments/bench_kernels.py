@@ -149,15 +149,16 @@ def bench_dispatch(s: Shape, device: torch.device, dtype: torch.dtype, time_ms, 
                                                                                s.k)))))
         rows.append(("triton scatter", gbs(scatter_moved, time_ms(
             lambda: kernels.scatter(y_MD, order_M, w_Tk)))))
-    rows.append(("torch gather (index_select)",
+    rows.append(("torch backend gather",
                  gbs(moved, time_ms(lambda: torch_ref.gather(x_TD, order_M, s.k)))))
-    rows.append(("torch scatter (index_add)",
+    rows.append(("torch backend scatter",
                  gbs(scatter_moved, time_ms(lambda: torch_ref.scatter(y_MD, order_M, w_Tk)))))
     # the dropless paths the torch backend takes on CPU tensors (on the GPU: for comparison)
     rows.append(("torch dropless gather (index_select)", gbs(moved, time_ms(
         lambda: torch_ref._GatherPermuted.apply(x_TD, order_M, s.k)))))
-    rows.append(("torch dropless combine (embedding_bag)", gbs(scatter_moved, time_ms(
-        lambda: torch_ref._CombinePermuted.apply(y_MD, order_M, w_Tk)))))
+    for embedding_bag, how in ((True, "embedding_bag, CPU's"), (False, "index_select + bmm")):
+        rows.append((f"torch dropless combine ({how})", gbs(scatter_moved, time_ms(
+            lambda: torch_ref._CombinePermuted.apply(y_MD, order_M, w_Tk, embedding_bag)))))
     if use_triton:
         rows.append(("triton route (ms, not GB/s)", time_ms(lambda: kernels.route(idx_Tk, s.E))))
     rows.append(("torch route (ms, not GB/s)", time_ms(lambda: torch_ref.route(idx_Tk, s.E))))

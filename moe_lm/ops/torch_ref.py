@@ -33,15 +33,16 @@ def scatter(y_MD: torch.Tensor, order_M: torch.Tensor, weights_Tk: torch.Tensor)
     """Back to token order with the combine: out[t] = sum_j w[t, j] * y[pos(t*k + j)]; (T, D)."""
     T, k = weights_Tk.shape
     if _dropless_fast_path(y_MD, order_M, T * k):
-        return _CombinePermuted.apply(y_MD, order_M, weights_Tk.to(y_MD.dtype))
+        return _CombinePermuted.apply(y_MD, order_M, weights_Tk.to(y_MD.dtype),
+                                      y_MD.device.type == "cpu")
     y_TkD = y_MD.new_zeros(T * k, y_MD.shape[1]).index_copy(0, order_M, y_MD)
     return (y_TkD.view(T, k, -1) * weights_Tk.to(y_MD.dtype).unsqueeze(-1)).sum(1)
 
 
 def _dropless_fast_path(x: torch.Tensor, order_M: torch.Tensor, assignments: int) -> bool:
-    """Dropless (order is a permutation of all T*k assignments) on a CPU. The GPU keeps the
-    general path: it is the one measured there (experiments/results/gpu_h200_2026-11-26.md)."""
-    return order_M.numel() == assignments and x.device.type == "cpu"
+    """Dropless: order is a permutation of all T*k assignments (meta tensors, for shapes only,
+    take the general path)."""
+    return order_M.numel() == assignments and x.device.type != "meta"
 
 
 def inverse_permutation(order_M: torch.Tensor) -> torch.Tensor:
@@ -50,11 +51,12 @@ def inverse_permutation(order_M: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order_M).scatter_(0, order_M, arange)
 
 
-# The dropless fast paths (CPU). With a full permutation each token's k rows are a fixed-size
-# "bag": the combine is one `embedding_bag` with the routing weights as per-sample weights
-# (gather and weighted sum in one pass, fp32 accumulation), the backward passes are row gathers,
-# plain adds and a row dot; no zero-filled buffers, no index_copy, no sums over the middle dim
-# of a (T, k, D) tensor.
+# The dropless fast paths. With a full permutation each token's k rows are a fixed-size "bag":
+# the combine is, on CPU, one `embedding_bag` with the routing weights as per-sample weights
+# (gather and weighted sum in one pass, fp32 accumulation) and, on GPU (where embedding_bag is
+# slow), a row gather and a (1 x k) @ (k x D) batched product per token (fp32 accumulation); the
+# backward passes are row gathers, plain adds and a row dot; no zero-filled buffers, no
+# index_copy, no sums over the middle dim of a (T, k, D) tensor.
 class _GatherPermuted(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD: torch.Tensor, order_M: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -75,10 +77,15 @@ class _GatherPermuted(torch.autograd.Function):
 
 class _CombinePermuted(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y_MD: torch.Tensor, order_M: torch.Tensor, w_Tk: torch.Tensor):
+    def forward(ctx, y_MD: torch.Tensor, order_M: torch.Tensor, w_Tk: torch.Tensor,
+                use_embedding_bag: bool):
         bags_Tk = inverse_permutation(order_M).view(w_Tk.shape)
         ctx.save_for_backward(y_MD, order_M, w_Tk)
-        return F.embedding_bag(bags_Tk, y_MD, per_sample_weights=w_Tk, mode="sum")
+        if use_embedding_bag:
+            return F.embedding_bag(bags_Tk, y_MD, per_sample_weights=w_Tk, mode="sum")
+        y_TkD = y_MD.index_select(0, bags_Tk.view(-1)).view(*w_Tk.shape, y_MD.shape[1])
+        with torch.autocast(y_MD.device.type, enabled=False):  # y's dtype, not autocast's
+            return torch.bmm(w_Tk.unsqueeze(1), y_TkD).squeeze(1)
 
     @staticmethod
     def backward(ctx, grad_TD: torch.Tensor):
@@ -92,7 +99,7 @@ class _CombinePermuted(torch.autograd.Function):
             grad_w_M = torch.linalg.vecdot(grad_MD, y_MD)
             grad_w = w_Tk.new_empty(w_Tk.numel()).index_copy_(0, order_M, grad_w_M)
             grad_w = grad_w.view(w_Tk.shape)  # logical (t, j) order, whatever w_Tk's strides
-        return grad_y, None, grad_w
+        return grad_y, None, grad_w, None
 
 
 class _UniqueRowSelect(torch.autograd.Function):

@@ -7,9 +7,17 @@ import torch
 
 from moe_lm.ops import torch_ref
 
+# the combine's two implementations: embedding_bag (CPU tensors) and row gather + bmm (GPU)
+COMBINES = pytest.mark.parametrize("embedding_bag", [True, False], ids=["embedding_bag", "bmm"])
 
+
+def combine(y_MD, order_M, w_Tk, embedding_bag):
+    return torch_ref._CombinePermuted.apply(y_MD, order_M, w_Tk, embedding_bag)
+
+
+@COMBINES
 @pytest.mark.parametrize("T,k,E,D", [(1, 1, 1, 3), (37, 2, 4, 8), (64, 3, 8, 5)])
-def test_dropless_gather_and_scatter_match_indexing_with_gradients(T, k, E, D):
+def test_dropless_gather_and_scatter_match_indexing_with_gradients(T, k, E, D, embedding_bag):
     gen = torch.Generator().manual_seed(T * 7 + k)
     idx_Tk = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
     order_M, counts_E = torch_ref.route(idx_Tk, E)
@@ -19,7 +27,8 @@ def test_dropless_gather_and_scatter_match_indexing_with_gradients(T, k, E, D):
 
     x_MD = torch_ref.gather(x, order_M, k)
     y_MD = x_MD * torch.linspace(0.5, 2.0, D, dtype=torch.float64)  # any per-row function
-    out = torch_ref.scatter(y_MD, order_M, w)
+    out = combine(y_MD, order_M, w, embedding_bag)
+    torch.testing.assert_close(out, torch_ref.scatter(y_MD, order_M, w))  # the device's choice
 
     x_ref = x.detach().clone().requires_grad_()
     w_ref = w.detach().clone().requires_grad_()
@@ -35,22 +44,25 @@ def test_dropless_gather_and_scatter_match_indexing_with_gradients(T, k, E, D):
                                torch.autograd.grad(out_ref, [x_ref, w_ref], g))
 
 
-def test_dropless_dispatch_passes_gradcheck():
+@COMBINES
+def test_dropless_dispatch_passes_gradcheck(embedding_bag):
     idx_Tk = torch.tensor([[0, 2], [1, 0], [2, 1]])
     order_M, _ = torch_ref.route(idx_Tk, 3)
     x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     w = torch.rand(3, 2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda x, w: torch_ref.scatter(torch_ref.gather(x, order_M, 2).sin(), order_M, w), (x, w))
+        lambda x, w: combine(torch_ref.gather(x, order_M, 2).sin(), order_M, w, embedding_bag),
+        (x, w))
 
 
-def test_dropless_combine_weight_gradient_keeps_logical_order_for_strided_weights():
+@COMBINES
+def test_dropless_combine_weight_gradient_keeps_logical_order_for_strided_weights(embedding_bag):
     idx_Tk = torch.tensor([[0, 1], [2, 0], [1, 2], [0, 2], [1, 0], [2, 1]])
     T, k, D = 6, 2, 4
     order_M, _ = torch_ref.route(idx_Tk, 3)
     y = torch.randn(T * k, D, dtype=torch.float64)
     w_kT = torch.rand(k, T, dtype=torch.float64, requires_grad=True)
-    out = torch_ref.scatter(y, order_M, w_kT.t())  # (T, k) weights with transposed strides
+    out = combine(y, order_M, w_kT.t(), embedding_bag)  # (T, k) weights, transposed strides
     g = torch.randn(T, D, dtype=torch.float64)
     (grad_kT,) = torch.autograd.grad(out, [w_kT], g)
     y_TkD = torch.empty_like(y).index_put((order_M,), y).view(T, k, D)
