@@ -129,7 +129,7 @@ def bench_gemm(s: Shape, device: torch.device, dtype: torch.dtype, time_ms, use_
 
 def bench_dispatch(s: Shape, device: torch.device, dtype: torch.dtype, time_ms, use_triton: bool):
     """Rows of (method, GB/s) for gather (T, D) -> (M, D) and scatter (M, D) -> (T, D)."""
-    from moe_lm.ops import torch_ref
+    from moe_lm.ops import torch_dropless, torch_ref
 
     idx_Tk, order_M, _ = _routing(s, device)
     M = s.T * s.k
@@ -155,10 +155,10 @@ def bench_dispatch(s: Shape, device: torch.device, dtype: torch.dtype, time_ms, 
                  gbs(scatter_moved, time_ms(lambda: torch_ref.scatter(y_MD, order_M, w_Tk)))))
     # the dropless paths the torch backend takes on CPU tensors (on the GPU: for comparison)
     rows.append(("torch dropless gather (index_select)", gbs(moved, time_ms(
-        lambda: torch_ref._GatherPermuted.apply(x_TD, order_M, s.k)))))
+        lambda: torch_dropless.GatherPermuted.apply(x_TD, order_M, s.k)))))
     for embedding_bag, how in ((True, "embedding_bag, CPU's"), (False, "index_select + bmm")):
         rows.append((f"torch dropless combine ({how})", gbs(scatter_moved, time_ms(
-            lambda: torch_ref._CombinePermuted.apply(y_MD, order_M, w_Tk, embedding_bag)))))
+            lambda: torch_dropless.CombinePermuted.apply(y_MD, order_M, w_Tk, embedding_bag)))))
     if use_triton:
         rows.append(("triton route (ms, not GB/s)", time_ms(lambda: kernels.route(idx_Tk, s.E))))
     rows.append(("torch route (ms, not GB/s)", time_ms(lambda: torch_ref.route(idx_Tk, s.E))))

@@ -44,8 +44,11 @@ class Experts(nn.Module):
         gmm = backend.grouped_mm
         # under expert parallelism the weights are DTensors split by expert: use this rank's block
         w1, w3, w2 = (local_tensor(w).to(dtype) for w in (self.w1_EDF, self.w3_EDF, self.w2_EFD))
-        h_MF = F.silu(gmm(x_MD, w1, offs_E)) * gmm(x_MD, w3, offs_E)
-        return gmm(h_MF, w2, offs_E)  # (M, D)
+        if hasattr(backend, "grouped_mm_pair"):  # the torch backend: one backward for both
+            a_MF, b_MF = backend.grouped_mm_pair(x_MD, w1, w3, offs_E)
+        else:
+            a_MF, b_MF = gmm(x_MD, w1, offs_E), gmm(x_MD, w3, offs_E)
+        return gmm(F.silu(a_MF) * b_MF, w2, offs_E)  # (M, D)
 
 
 class SwiGLU(nn.Module):
@@ -82,6 +85,20 @@ class MoE(nn.Module):
         self.backend = get_backend(cfg.backend)
         self.parallel = None  # a moe_lm.parallel.MoEParallel once parallelized across ranks
 
+    def _route(self, expert_idx_Tk: torch.Tensor, x_TD: torch.Tensor):
+        """(order, rows per expert group, assignments per expert). Where the backend can pad the
+        groups to an aligned row count (the torch backend on CPU: faster GEMM tiles), dropless
+        token choice on one process does; the padding rows are zeros that the combine ignores."""
+        E, k = self.cfg.num_experts, self.cfg.top_k
+        dropless = self.cfg.capacity_factor <= 0 or not self.training
+        align = 1
+        if hasattr(self.backend, "route_aligned") and dropless and self.parallel is None:
+            align = self.backend.row_alignment(x_TD, k, E)
+        if align > 1:
+            return self.backend.route_aligned(expert_idx_Tk, E, align)
+        order_M, counts_E = self.backend.route(expert_idx_Tk, E)
+        return order_M, counts_E, counts_E
+
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         B, S, D = x_BSD.shape
         E, k = self.cfg.num_experts, self.cfg.top_k
@@ -92,9 +109,9 @@ class MoE(nn.Module):
             order_M, counts_E = routing.order_M, routing.counts_E
             k = E  # assignment t*E + e; the weights of unpicked ones are 0
             dropped = (routing.weights_Tk == 0).all(-1).float().mean()  # tokens no expert took
+            tokens_per_expert = counts_E
         else:
-            order_M, counts_E = self.backend.route(routing.expert_idx_Tk, E)
-        tokens_per_expert = counts_E
+            order_M, counts_E, tokens_per_expert = self._route(routing.expert_idx_Tk, x_TD)
         if self.cfg.capacity_factor > 0 and self.training and routing.order_M is None:
             capacity = math.ceil(self.cfg.capacity_factor * B * S * k / E)
             order_M, counts_E = drop_over_capacity(order_M, counts_E, capacity)

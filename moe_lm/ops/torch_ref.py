@@ -1,13 +1,19 @@
 """Plain-PyTorch reference of the kernel API (design section 3): always available, autograd-native.
 
 Legend: T tokens, k assignments per token, M = kept assignments (<= T*k), E experts, D/K/N widths.
-`order` may omit assignments (capacity dropping, expert choice): those contribute nothing.
+`order` may omit assignments (capacity dropping, expert choice): those contribute nothing. Beyond
+the kernel API, this backend's `route_aligned` pads each expert's rows to a multiple of an
+alignment with padding entries (values >= T*k) that `gather` fills with zeros and `scatter`
+ignores (moe_lm.ops.torch_dropless; the MoE layer uses it on CPU).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from moe_lm.ops.torch_dropless import (CombinePermuted, GatherPermuted, route_aligned,  # noqa: F401
+                                       row_alignment)
+from moe_lm.ops.torch_gemm_pair import GroupedMMPair
 
 
 def route(expert_idx_Tk: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,7 +30,7 @@ def gather(x_TD: torch.Tensor, order_M: torch.Tensor, top_k: int) -> torch.Tenso
     """Rows of x in expert order, each token repeated per assignment: (M, D) = x[order // k]."""
     T, D = x_TD.shape
     if _dropless_fast_path(x_TD, order_M, T * top_k):
-        return _GatherPermuted.apply(x_TD, order_M, top_k)
+        return GatherPermuted.apply(x_TD, order_M, top_k)
     x_TkD = x_TD.unsqueeze(1).expand(T, top_k, D).reshape(T * top_k, D)
     return _UniqueRowSelect.apply(x_TkD, order_M)
 
@@ -33,73 +39,16 @@ def scatter(y_MD: torch.Tensor, order_M: torch.Tensor, weights_Tk: torch.Tensor)
     """Back to token order with the combine: out[t] = sum_j w[t, j] * y[pos(t*k + j)]; (T, D)."""
     T, k = weights_Tk.shape
     if _dropless_fast_path(y_MD, order_M, T * k):
-        return _CombinePermuted.apply(y_MD, order_M, weights_Tk.to(y_MD.dtype),
-                                      y_MD.device.type == "cpu")
+        return CombinePermuted.apply(y_MD, order_M, weights_Tk.to(y_MD.dtype),
+                                     y_MD.device.type == "cpu")
     y_TkD = y_MD.new_zeros(T * k, y_MD.shape[1]).index_copy(0, order_M, y_MD)
     return (y_TkD.view(T, k, -1) * weights_Tk.to(y_MD.dtype).unsqueeze(-1)).sum(1)
 
 
 def _dropless_fast_path(x: torch.Tensor, order_M: torch.Tensor, assignments: int) -> bool:
-    """Dropless: order is a permutation of all T*k assignments (meta tensors, for shapes only,
-    take the general path)."""
-    return order_M.numel() == assignments and x.device.type != "meta"
-
-
-def inverse_permutation(order_M: torch.Tensor) -> torch.Tensor:
-    """inv with inv[order[m]] = m."""
-    arange = torch.arange(order_M.numel(), device=order_M.device, dtype=order_M.dtype)
-    return torch.empty_like(order_M).scatter_(0, order_M, arange)
-
-
-# The dropless fast paths. With a full permutation each token's k rows are a fixed-size "bag":
-# the combine is, on CPU, one `embedding_bag` with the routing weights as per-sample weights
-# (gather and weighted sum in one pass, fp32 accumulation) and, on GPU (where embedding_bag is
-# slow), a row gather and a (1 x k) @ (k x D) batched product per token (fp32 accumulation); the
-# backward passes are row gathers, plain adds and a row dot; no zero-filled buffers, no
-# index_copy, no sums over the middle dim of a (T, k, D) tensor.
-class _GatherPermuted(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_TD: torch.Tensor, order_M: torch.Tensor, top_k: int) -> torch.Tensor:
-        ctx.save_for_backward(order_M)
-        ctx.top_k = top_k
-        return x_TD.index_select(0, torch.div(order_M, top_k, rounding_mode="floor"))
-
-    @staticmethod
-    def backward(ctx, grad_MD: torch.Tensor):
-        (order_M,) = ctx.saved_tensors
-        k = ctx.top_k
-        grad_TkD = grad_MD.index_select(0, inverse_permutation(order_M)).view(-1, k, grad_MD.shape[1])
-        grad_TD = grad_TkD[:, 0].clone()
-        for j in range(1, k):  # k - 1 adds of (T, D) slices: rounded to nearest, like autograd's sum
-            grad_TD += grad_TkD[:, j]
-        return grad_TD, None, None
-
-
-class _CombinePermuted(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y_MD: torch.Tensor, order_M: torch.Tensor, w_Tk: torch.Tensor,
-                use_embedding_bag: bool):
-        bags_Tk = inverse_permutation(order_M).view(w_Tk.shape)
-        ctx.save_for_backward(y_MD, order_M, w_Tk)
-        if use_embedding_bag:
-            return F.embedding_bag(bags_Tk, y_MD, per_sample_weights=w_Tk, mode="sum")
-        y_TkD = y_MD.index_select(0, bags_Tk.view(-1)).view(*w_Tk.shape, y_MD.shape[1])
-        with torch.autocast(y_MD.device.type, enabled=False):  # y's dtype, not autocast's
-            return torch.bmm(w_Tk.unsqueeze(1), y_TkD).squeeze(1)
-
-    @staticmethod
-    def backward(ctx, grad_TD: torch.Tensor):
-        y_MD, order_M, w_Tk = ctx.saved_tensors
-        k = w_Tk.shape[1]
-        grad_MD = grad_TD.index_select(0, torch.div(order_M, k, rounding_mode="floor"))
-        grad_y = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_y = grad_MD * w_Tk.reshape(-1)[order_M].unsqueeze(1)
-        if ctx.needs_input_grad[2]:  # d out[t] / d w[t, j] = y of that assignment
-            grad_w_M = torch.linalg.vecdot(grad_MD, y_MD)
-            grad_w = w_Tk.new_empty(w_Tk.numel()).index_copy_(0, order_M, grad_w_M)
-            grad_w = grad_w.view(w_Tk.shape)  # logical (t, j) order, whatever w_Tk's strides
-        return grad_y, None, grad_w, None
+    """Dropless: order is a permutation of all T*k assignments, or of more with padding entries
+    (`route_aligned`); meta tensors, for shapes only, take the general path."""
+    return order_M.numel() >= assignments and x.device.type != "meta"
 
 
 class _UniqueRowSelect(torch.autograd.Function):
@@ -125,6 +74,15 @@ def grouped_mm(x_TK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor) ->
         out = torch._grouped_mm(x_TK.contiguous(), w_EKN, offs=offs_E.to(torch.int32))
         return _ContiguousGrad.apply(out)
     return grouped_mm_loop(x_TK, w_EKN, offs_E)
+
+
+def grouped_mm_pair(x_TK: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor,
+                    offs_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grouped_mm(x, w_a, offs), grouped_mm(x, w_b, offs)); on CPU one backward that
+    accumulates the input's two gradients in place (moe_lm.ops.torch_gemm_pair)."""
+    if x_TK.device.type == "cpu" and not torch.compiler.is_compiling():
+        return GroupedMMPair.apply(x_TK, w_a, w_b, offs_E, grouped_mm)
+    return grouped_mm(x_TK, w_a, offs_E), grouped_mm(x_TK, w_b, offs_E)
 
 
 class _ContiguousGrad(torch.autograd.Function):

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_lm.ops import torch_ref
+from moe_lm.ops import torch_dropless, torch_ref
 
 # the combine's two implementations: embedding_bag (CPU tensors) and row gather + bmm (GPU)
 COMBINES = pytest.mark.parametrize("embedding_bag", [True, False], ids=["embedding_bag", "bmm"])
 
 
 def combine(y_MD, order_M, w_Tk, embedding_bag):
-    return torch_ref._CombinePermuted.apply(y_MD, order_M, w_Tk, embedding_bag)
+    return torch_dropless.CombinePermuted.apply(y_MD, order_M, w_Tk, embedding_bag)
 
 
 @COMBINES

@@ -1,0 +1,136 @@
+"""The torch backend's dropless dispatch: every assignment is kept, so `order` is a permutation.
+
+Legend: T tokens, k assignments per token, A = T*k assignments, P >= A rows in expert order
+(A plus padding), E experts, D width.
+
+With a full permutation each token's k rows are a fixed-size "bag": the combine is, on CPU, one
+`embedding_bag` with the routing weights as per-sample weights (gather and weighted sum in one
+pass, fp32 accumulation) and, on GPU (where embedding_bag is slow), a row gather and a
+(1 x k) @ (k x D) batched product per token (fp32 accumulation); the backward passes are row
+gathers, plain adds and a row dot: no zero-filled buffers, no index_copy, no sums over the middle
+dim of a (T, k, D) tensor.
+
+Row-aligned groups (`route_aligned`): `order` may also hold padding entries, values >= A, placed
+after the real rows of each expert so that every expert's row count is a multiple of `align`.
+Gather gives zero rows for them, scatter ignores them. On CPU the per-expert GEMMs run on tiles
+of rows, and a group whose row count is a multiple of 64 runs about 8% faster than one with a
+ragged tail (experiments/results/cpu_bench_2026-11-26.md); the padding costs at most align - 1
+rows per expert.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+MAX_ALIGN = 64  # rows; the alignment measured fastest on CPU (16, 32, 64 and 128 were tried)
+
+
+def row_alignment(x_TD: torch.Tensor, top_k: int, num_experts: int) -> int:
+    """Row alignment of the expert groups for this batch: 1 (none) off the CPU and under
+    `torch.compile` (its row count would depend on the data), else the largest power of two up
+    to 64 that keeps the expected padding (align / 2 rows per expert) within 1/32 of the rows."""
+    if x_TD.device.type != "cpu" or torch.compiler.is_compiling():
+        return 1
+    align = MAX_ALIGN
+    while align > 1 and align * num_experts * 16 > x_TD.shape[0] * top_k:
+        align //= 2
+    return align if align >= 16 else 1
+
+
+def route_aligned(expert_idx_Tk: torch.Tensor, num_experts: int,
+                  align: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Like `route`, with each expert's rows padded to a multiple of `align`.
+
+    Returns (order (P,), padded counts (E,), real counts (E,)); order lists the A assignments
+    sorted by expert (stable) with each expert's padding entries (values >= A) after its rows."""
+    flat = expert_idx_Tk.reshape(-1).long()
+    counts_E = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
+    counts_E.scatter_add_(0, flat, torch.ones_like(flat))
+    pad_E = (-counts_E) % align
+    pad_experts = torch.repeat_interleave(torch.arange(num_experts, device=flat.device), pad_E)
+    order = torch.sort(torch.cat([flat, pad_experts]), stable=True).indices
+    return order, counts_E + pad_E, counts_E
+
+
+def inverse_permutation(order_P: torch.Tensor) -> torch.Tensor:
+    """inv with inv[order[m]] = m."""
+    arange = torch.arange(order_P.numel(), device=order_P.device, dtype=order_P.dtype)
+    return torch.empty_like(order_P).scatter_(0, order_P, arange)
+
+
+def _source_tokens(order_P: torch.Tensor, top_k: int, num_tokens: int) -> torch.Tensor:
+    """The token of each row (padding rows: any valid token, their values are overwritten)."""
+    tok_P = torch.div(order_P, top_k, rounding_mode="floor")
+    return tok_P.clamp_max_(num_tokens - 1) if order_P.numel() > num_tokens * top_k else tok_P
+
+
+class GatherPermuted(torch.autograd.Function):
+    """(P, D) rows x[order // k], zeros for padding entries."""
+
+    @staticmethod
+    def forward(ctx, x_TD: torch.Tensor, order_P: torch.Tensor, top_k: int) -> torch.Tensor:
+        A = x_TD.shape[0] * top_k
+        ctx.save_for_backward(order_P)
+        ctx.top_k, ctx.num_assignments = top_k, A
+        x_PD = x_TD.index_select(0, _source_tokens(order_P, top_k, x_TD.shape[0]))
+        if order_P.numel() > A:
+            x_PD.index_fill_(0, inverse_permutation(order_P)[A:], 0)
+        return x_PD
+
+    @staticmethod
+    def backward(ctx, grad_PD: torch.Tensor):
+        (order_P,) = ctx.saved_tensors
+        k, A = ctx.top_k, ctx.num_assignments
+        rows_A = inverse_permutation(order_P)[:A]  # padding rows get no gradient
+        grad_TkD = grad_PD.index_select(0, rows_A).view(A // k, k, grad_PD.shape[1])
+        if k == 1:
+            return grad_TkD.view(A, -1), None, None
+        grad_TD = torch.add(grad_TkD[:, 0], grad_TkD[:, 1])
+        for j in range(2, k):  # rounded to nearest after each add, like autograd's sum
+            grad_TD += grad_TkD[:, j]
+        return grad_TD, None, None
+
+
+class CombinePermuted(torch.autograd.Function):
+    """out[t] = sum_j w[t, j] * y[row of assignment t*k + j]; padding rows are ignored."""
+
+    @staticmethod
+    def forward(ctx, y_PD: torch.Tensor, order_P: torch.Tensor, w_Tk: torch.Tensor,
+                use_embedding_bag: bool):
+        bags_Tk = inverse_permutation(order_P)[:w_Tk.numel()].view(w_Tk.shape)
+        ctx.save_for_backward(y_PD, order_P, w_Tk)
+        ctx.use_embedding_bag = use_embedding_bag
+        if use_embedding_bag:
+            return F.embedding_bag(bags_Tk, y_PD, per_sample_weights=w_Tk, mode="sum")
+        y_TkD = y_PD.index_select(0, bags_Tk.reshape(-1)).view(*w_Tk.shape, y_PD.shape[1])
+        with torch.autocast(y_PD.device.type, enabled=False):  # y's dtype, not autocast's
+            return torch.bmm(w_Tk.unsqueeze(1), y_TkD).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad_TD: torch.Tensor):
+        y_PD, order_P, w_Tk = ctx.saved_tensors
+        (T, k), P = w_Tk.shape, order_P.numel()
+        A = T * k
+        grad_PD = grad_TD.index_select(0, _source_tokens(order_P, k, T))
+        pad_rows = inverse_permutation(order_P)[A:] if P > A else None
+        grad_y = grad_w = None
+        if ctx.needs_input_grad[0]:
+            w_P = w_Tk.reshape(-1)
+            if pad_rows is not None:
+                w_P = torch.cat([w_P, w_P.new_zeros(P - A)])
+            grad_y = grad_PD * w_P[order_P].unsqueeze(1)
+            if pad_rows is not None:  # zero, also where grad_TD is not finite
+                grad_y.index_fill_(0, pad_rows, 0)
+        if ctx.needs_input_grad[2] and ctx.use_embedding_bag:
+            # embedding_bag's own weight gradient: row dots in (t, j) order, fp32 accumulation
+            grad_w = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                grad_TD, y_PD, inverse_permutation(order_P)[:A],
+                torch.arange(0, A, k, device=grad_TD.device),
+                torch.arange(T, device=grad_TD.device).repeat_interleave(k), 0, -1)
+            grad_w = grad_w.view(w_Tk.shape)
+        elif ctx.needs_input_grad[2]:  # d out[t] / d w[t, j] = y of that assignment
+            grad_w_P = torch.linalg.vecdot(grad_PD, y_PD)
+            grad_w = w_Tk.new_empty(P).index_copy_(0, order_P, grad_w_P)[:A]
+            grad_w = grad_w.view(w_Tk.shape)  # logical (t, j) order, whatever w_Tk's strides
+        return grad_y, None, grad_w, None

@@ -1,0 +1,48 @@
+"""Two grouped GEMMs of one input, `(x @ w_a, x @ w_b)` per group: the SwiGLU's w1 and w3.
+
+Legend: T rows (grouped by expert), K input width, N output width, E groups.
+
+Autograd would compute the input's gradient as two products and then add them, one more pass over
+a (T, K) tensor. On CPU, where `torch._grouped_mm` is a loop of per-group matmuls anyway, the
+backward here writes `da @ w_a^T` and accumulates `db @ w_b^T` into it in place (`addmm`, the
+same speed as a plain matmul), group by group.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class GroupedMMPair(torch.autograd.Function):
+    """(x @ w_a[e], x @ w_b[e]) for the rows of each group e; rows past offs[-1] give zeros."""
+
+    @staticmethod
+    def forward(ctx, x_TK: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor,
+                offs_E: torch.Tensor, grouped_mm) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.save_for_backward(x_TK, w_a, w_b, offs_E)
+        return grouped_mm(x_TK, w_a, offs_E), grouped_mm(x_TK, w_b, offs_E)
+
+    @staticmethod
+    def backward(ctx, grad_a: torch.Tensor, grad_b: torch.Tensor):
+        x_TK, w_a, w_b, offs_E = ctx.saved_tensors
+        grad_a, grad_b = grad_a.contiguous(), grad_b.contiguous()
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        grad_x = torch.empty_like(x_TK) if need_x else None
+        grad_wa = torch.empty_like(w_a) if need_a else None
+        grad_wb = torch.empty_like(w_b) if need_b else None
+        start = 0
+        for e, end in enumerate(offs_E.tolist()):
+            rows = slice(start, end)
+            if end > start and need_x:
+                torch.mm(grad_a[rows], w_a[e].t(), out=grad_x[rows])
+                # addmm with out = input: in place, and visible to FLOP counters (addmm_ is not)
+                torch.addmm(grad_x[rows], grad_b[rows], w_b[e].t(), out=grad_x[rows])
+            for need, grad_w, grad_y in ((need_a, grad_wa, grad_a), (need_b, grad_wb, grad_b)):
+                if need and end > start:
+                    torch.mm(x_TK[rows].t(), grad_y[rows], out=grad_w[e])
+                elif need:  # an empty group: no rows, zero gradient
+                    grad_w[e].zero_()
+            start = max(start, end)
+        if need_x:
+            grad_x[start:].zero_()  # rows past the last group
+        return grad_x, grad_wa, grad_wb, None, None
