@@ -69,7 +69,7 @@ class Router(nn.Module):
             scores_TE = torch.sigmoid(logits_TE)
             probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
         else:
-            scores_TE = probs_TE = torch.softmax(logits_TE, dim=-1)
+            scores_TE = probs_TE = softmax_over_experts(logits_TE)
         select_TE = scores_TE + self.score_bias  # bias moves selection, not the weights
         expert_idx_Tk = select_TE.topk(self.top_k, dim=-1).indices
         top_Tk = scores_TE.gather(-1, expert_idx_Tk)
@@ -78,7 +78,7 @@ class Router(nn.Module):
 
     def _expert_choice(self, logits_TE: torch.Tensor) -> Routing:
         T, E = logits_TE.shape
-        probs_TE = torch.softmax(logits_TE, dim=-1)
+        probs_TE = softmax_over_experts(logits_TE)
         C = expert_choice_capacity(T, E, self.top_k, self.capacity_factor)
         token_CE = probs_TE.topk(C, dim=0).indices.sort(dim=0).values  # each expert's C tokens
         experts_E = torch.arange(E, device=logits_TE.device)
@@ -87,6 +87,15 @@ class Router(nn.Module):
         weights_TE = probs_TE * picked_TE  # zero where the expert did not pick the token
         counts_E = torch.full((E,), C, dtype=torch.int64, device=logits_TE.device)
         return Routing(experts_E.expand(T, E), weights_TE, probs_TE, logits_TE, order_M, counts_E)
+
+
+def softmax_over_experts(logits_TE: torch.Tensor) -> torch.Tensor:
+    """Softmax over the experts (the last dim). On CPU taken over dim 0 of the (E, T) view:
+    torch's CPU softmax over a short last dim is far slower than over a strided one (T=4096,
+    E=8: 600 vs 70 us forward, 870 vs 230 us with the backward)."""
+    if logits_TE.device.type == "cpu" and logits_TE.dim() == 2:
+        return torch.softmax(logits_TE.t(), dim=0).t()
+    return torch.softmax(logits_TE, dim=-1)
 
 
 def expert_choice_capacity(num_tokens: int, num_experts: int, top_k: int,

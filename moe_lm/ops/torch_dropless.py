@@ -112,21 +112,27 @@ class CombinePermuted(torch.autograd.Function):
         y_PD, order_P, w_Tk = ctx.saved_tensors
         (T, k), P = w_Tk.shape, order_P.numel()
         A = T * k
-        grad_PD = grad_TD.index_select(0, _source_tokens(order_P, k, T))
-        pad_rows = inverse_permutation(order_P)[A:] if P > A else None
+        inv_P = inverse_permutation(order_P)
+        src_P = _source_tokens(order_P, k, T)
+        # GPU: the gathered output gradient serves both gradients; CPU: embedding_bag's ops
+        grad_PD = None if ctx.use_embedding_bag else grad_TD.index_select(0, src_P)
         grad_y = grad_w = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0]:  # grad_y[m] = w of row m's assignment * grad_out[its token]
             w_P = w_Tk.reshape(-1)
-            if pad_rows is not None:
+            if P > A:  # padding rows: weight 0
                 w_P = torch.cat([w_P, w_P.new_zeros(P - A)])
-            grad_y = grad_PD * w_P[order_P].unsqueeze(1)
-            if pad_rows is not None:  # zero, also where grad_TD is not finite
-                grad_y.index_fill_(0, pad_rows, 0)
+            w_P = w_P[order_P]
+            if ctx.use_embedding_bag:  # gather and scale in one pass: bags of one row
+                grad_y = F.embedding_bag(src_P.view(P, 1), grad_TD,
+                                         per_sample_weights=w_P.view(P, 1), mode="sum")
+            else:
+                grad_y = grad_PD * w_P.unsqueeze(1)
+            if P > A:  # zero, also where grad_TD is not finite
+                grad_y.index_fill_(0, inv_P[A:], 0)
         if ctx.needs_input_grad[2] and ctx.use_embedding_bag:
             # embedding_bag's own weight gradient: row dots in (t, j) order, fp32 accumulation
             grad_w = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                grad_TD, y_PD, inverse_permutation(order_P)[:A],
-                torch.arange(0, A, k, device=grad_TD.device),
+                grad_TD, y_PD, inv_P[:A], torch.arange(0, A, k, device=grad_TD.device),
                 torch.arange(T, device=grad_TD.device).repeat_interleave(k), 0, -1)
             grad_w = grad_w.view(w_Tk.shape)
         elif ctx.needs_input_grad[2]:  # d out[t] / d w[t, j] = y of that assignment
