@@ -18,8 +18,10 @@ class GroupedMMPair(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TK: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor,
-                offs_E: torch.Tensor, grouped_mm) -> tuple[torch.Tensor, torch.Tensor]:
+                offs_E: torch.Tensor, grouped_mm, native: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """`grouped_mm`: the backend's; `native`: whether `torch._grouped_mm` runs these."""
         ctx.save_for_backward(x_TK, w_a, w_b, offs_E)
+        ctx.native = native
         return grouped_mm(x_TK, w_a, offs_E), grouped_mm(x_TK, w_b, offs_E)
 
     @staticmethod
@@ -28,21 +30,33 @@ class GroupedMMPair(torch.autograd.Function):
         grad_a, grad_b = grad_a.contiguous(), grad_b.contiguous()
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
         grad_x = torch.empty_like(x_TK) if need_x else None
-        grad_wa = torch.empty_like(w_a) if need_a else None
-        grad_wb = torch.empty_like(w_b) if need_b else None
+        ends = offs_E.tolist()
         start = 0
-        for e, end in enumerate(offs_E.tolist()):
-            rows = slice(start, end)
+        for e, end in enumerate(ends):
             if end > start and need_x:
+                rows = slice(start, end)
                 torch.mm(grad_a[rows], w_a[e].t(), out=grad_x[rows])
                 # addmm with out = input: in place, and visible to FLOP counters (addmm_ is not)
                 torch.addmm(grad_x[rows], grad_b[rows], w_b[e].t(), out=grad_x[rows])
-            for need, grad_w, grad_y in ((need_a, grad_wa, grad_a), (need_b, grad_wb, grad_b)):
-                if need and end > start:
-                    torch.mm(x_TK[rows].t(), grad_y[rows], out=grad_w[e])
-                elif need:  # an empty group: no rows, zero gradient
-                    grad_w[e].zero_()
             start = max(start, end)
         if need_x:
             grad_x[start:].zero_()  # rows past the last group
-        return grad_x, grad_wa, grad_wb, None, None
+        grad_wa = _weight_grad(x_TK, grad_a, offs_E, ends, ctx.native) if need_a else None
+        grad_wb = _weight_grad(x_TK, grad_b, offs_E, ends, ctx.native) if need_b else None
+        return grad_x, grad_wa, grad_wb, None, None, None
+
+
+def _weight_grad(x_TK: torch.Tensor, grad_TN: torch.Tensor, offs_E: torch.Tensor,
+                 ends: list[int], native: bool) -> torch.Tensor:
+    """(E, K, N): x_e^T @ grad_e per group, zeros for empty groups."""
+    if native:  # the 2D x 2D form, groups along the reduction: one call, no Python loop
+        return torch._grouped_mm(x_TK.t(), grad_TN, offs=offs_E)
+    grad_w = x_TK.new_empty(len(ends), x_TK.shape[1], grad_TN.shape[1])
+    start = 0
+    for e, end in enumerate(ends):
+        if end > start:
+            torch.mm(x_TK[start:end].t(), grad_TN[start:end], out=grad_w[e])
+        else:
+            grad_w[e].zero_()
+        start = max(start, end)
+    return grad_w

@@ -81,7 +81,8 @@ def grouped_mm_pair(x_TK: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor,
     """(grouped_mm(x, w_a, offs), grouped_mm(x, w_b, offs)); on CPU one backward that
     accumulates the input's two gradients in place (moe_lm.ops.torch_gemm_pair)."""
     if x_TK.device.type == "cpu" and not torch.compiler.is_compiling():
-        return GroupedMMPair.apply(x_TK, w_a, w_b, offs_E, grouped_mm)
+        return GroupedMMPair.apply(x_TK, w_a, w_b, offs_E, grouped_mm,
+                                   _native_grouped_mm_ok(x_TK, w_a))
     return grouped_mm(x_TK, w_a, offs_E), grouped_mm(x_TK, w_b, offs_E)
 
 

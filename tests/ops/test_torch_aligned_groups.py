@@ -112,3 +112,22 @@ def test_row_alignment_keeps_padding_small_and_is_off_on_small_batches():
     assert torch_ref.row_alignment(x, 2, 64) == 1  # 128 rows per expert: no padding
     assert torch_ref.row_alignment(torch.empty(256, 8), 2, 8) == 1
     assert torch_ref.row_alignment(torch.empty(4096, 8, device="meta"), 2, 8) == 1
+
+
+def test_grouped_mm_pair_in_bfloat16_matches_two_grouped_mms():
+    """bf16 on CPU: the native `torch._grouped_mm` weight gradients, where this torch has them."""
+    gen = torch.Generator().manual_seed(3)
+    counts = [70, 0, 33, 25]
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    x = torch.randn(130, 16, generator=gen).bfloat16().requires_grad_()
+    w_a, w_b = (torch.randn(4, 16, 32, generator=gen).bfloat16().requires_grad_()
+                for _ in range(2))
+    a, b = torch_ref.grouped_mm_pair(x, w_a, w_b, offs)
+    ga, gb = torch.randn_like(a), torch.randn_like(b)
+    got = torch.autograd.grad((a * ga).float().sum() + (b * gb).float().sum(), [x, w_a, w_b])
+    a_ref, b_ref = (torch_ref.grouped_mm_loop(x, w, offs) for w in (w_a, w_b))
+    want = torch.autograd.grad((a_ref * ga).float().sum() + (b_ref * gb).float().sum(),
+                               [x, w_a, w_b])
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g.float(), r.float(), rtol=2e-2, atol=2e-2)
+    assert float(got[1][1].abs().max()) == 0.0  # the empty group
