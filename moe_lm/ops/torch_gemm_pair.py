@@ -50,7 +50,11 @@ def _weight_grad(x_TK: torch.Tensor, grad_TN: torch.Tensor, offs_E: torch.Tensor
                  ends: list[int], native: bool) -> torch.Tensor:
     """(E, K, N): x_e^T @ grad_e per group, zeros for empty groups."""
     if native:  # the 2D x 2D form, groups along the reduction: one call, no Python loop
-        return torch._grouped_mm(x_TK.t(), grad_TN, offs=offs_E)
+        grad_w = torch._grouped_mm(x_TK.t(), grad_TN, offs=offs_E)
+        for e, (start, end) in enumerate(zip([0, *ends], ends)):
+            if end <= start:  # an empty group: zeros, whatever the op leaves there
+                grad_w[e].zero_()
+        return grad_w
     grad_w = x_TK.new_empty(len(ends), x_TK.shape[1], grad_TN.shape[1])
     start = 0
     for e, end in enumerate(ends):
