@@ -14,8 +14,8 @@ Row-aligned groups (`route_aligned`): `order` may also hold padding entries, val
 after the real rows of each expert so that every expert's row count is a multiple of `align`.
 Gather gives zero rows for them, scatter ignores them. On CPU the per-expert GEMMs run on tiles
 of rows, and a group whose row count is a multiple of 64 runs about 8% faster than one with a
-ragged tail (experiments/results/cpu_bench_2026-11-26.md); the padding costs at most align - 1
-rows per expert.
+ragged tail (experiments/results/cpu_bench_2026-11-26_session2.md); the padding costs at most
+align - 1 rows per expert.
 """
 
 from __future__ import annotations
