@@ -98,8 +98,9 @@ class CombinePermuted(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_PD: torch.Tensor, order_P: torch.Tensor, w_Tk: torch.Tensor,
                 use_embedding_bag: bool):
-        bags_Tk = inverse_permutation(order_P)[:w_Tk.numel()].view(w_Tk.shape)
-        ctx.save_for_backward(y_PD, order_P, w_Tk)
+        inv_P = inverse_permutation(order_P)
+        bags_Tk = inv_P[:w_Tk.numel()].view(w_Tk.shape)
+        ctx.save_for_backward(y_PD, order_P, w_Tk, inv_P)
         ctx.use_embedding_bag = use_embedding_bag
         if use_embedding_bag:
             return F.embedding_bag(bags_Tk, y_PD, per_sample_weights=w_Tk, mode="sum")
@@ -109,10 +110,9 @@ class CombinePermuted(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_TD: torch.Tensor):
-        y_PD, order_P, w_Tk = ctx.saved_tensors
+        y_PD, order_P, w_Tk, inv_P = ctx.saved_tensors
         (T, k), P = w_Tk.shape, order_P.numel()
         A = T * k
-        inv_P = inverse_permutation(order_P)
         src_P = _source_tokens(order_P, k, T)
         # GPU: the gathered output gradient serves both gradients; CPU: embedding_bag's ops
         grad_PD = None if ctx.use_embedding_bag else grad_TD.index_select(0, src_P)
