@@ -71,18 +71,19 @@ class GatherPermuted(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD: torch.Tensor, order_P: torch.Tensor, top_k: int) -> torch.Tensor:
         A = x_TD.shape[0] * top_k
-        ctx.save_for_backward(order_P)
+        inv_P = inverse_permutation(order_P)  # the backward's too: computed once
+        ctx.save_for_backward(inv_P)
         ctx.top_k, ctx.num_assignments = top_k, A
         x_PD = x_TD.index_select(0, _source_tokens(order_P, top_k, x_TD.shape[0]))
         if order_P.numel() > A:
-            x_PD.index_fill_(0, inverse_permutation(order_P)[A:], 0)
+            x_PD.index_fill_(0, inv_P[A:], 0)
         return x_PD
 
     @staticmethod
     def backward(ctx, grad_PD: torch.Tensor):
-        (order_P,) = ctx.saved_tensors
+        (inv_P,) = ctx.saved_tensors
         k, A = ctx.top_k, ctx.num_assignments
-        rows_A = inverse_permutation(order_P)[:A]  # padding rows get no gradient
+        rows_A = inv_P[:A]  # padding rows get no gradient
         grad_TkD = grad_PD.index_select(0, rows_A).view(A // k, k, grad_PD.shape[1])
         if k == 1:
             return grad_TkD.view(A, -1), None, None

@@ -4,7 +4,8 @@ Legend: T tokens, k assignments per token, M = kept assignments (<= T*k), E expe
 `order` may omit assignments (capacity dropping, expert choice): those contribute nothing. Beyond
 the kernel API, this backend's `route_aligned` pads each expert's rows to a multiple of an
 alignment with padding entries (values >= T*k) that `gather` fills with zeros and `scatter`
-ignores (moe_lm.ops.torch_dropless; the MoE layer uses it on CPU).
+ignores (moe_lm.ops.torch_dropless; the MoE layer uses it on CPU), and `grouped_mm_pair` runs the
+experts' w1/w3 products with one backward (moe_lm.ops.torch_gemm_pair).
 """
 
 from __future__ import annotations
