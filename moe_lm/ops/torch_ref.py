@@ -92,8 +92,7 @@ def grouped_mm_pair(x_TK: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor,
     """(grouped_mm(x, w_a, offs), grouped_mm(x, w_b, offs)); on CPU one backward that
     accumulates the input's two gradients in place (moe_lm.ops.torch_gemm_pair)."""
     if x_TK.device.type == "cpu" and not torch.compiler.is_compiling():
-        native = _native_grouped_mm_ok(x_TK, w_a) and _cpu_weight_grad_works(x_TK.dtype)
-        return GroupedMMPair.apply(x_TK, w_a, w_b, offs_E, grouped_mm, native)
+        return GroupedMMPair.apply(x_TK, w_a, w_b, offs_E, grouped_mm)
     return grouped_mm(x_TK, w_a, offs_E), grouped_mm(x_TK, w_b, offs_E)
 
 
@@ -140,7 +139,6 @@ def _native_grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 _CPU_SUPPORT: dict = {}  # dtype -> bool, probed once (a cache, not state)
-_CPU_WEIGHT_GRAD_SUPPORT: dict = {}  # the same for the 2D x 2D form (GroupedMMPair's dw)
 _PROBED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -153,7 +151,6 @@ def probe_native_support() -> None:
     that the recomputation does not repeat)."""
     for dtype in _PROBED_DTYPES:
         _cpu_grouped_mm_works(dtype)
-        _cpu_weight_grad_works(dtype)
 
 
 def _cpu_grouped_mm_works(dtype: torch.dtype) -> bool:
@@ -170,22 +167,3 @@ def _cpu_grouped_mm_works(dtype: torch.dtype) -> bool:
         except (RuntimeError, NotImplementedError, TypeError, AttributeError):
             _CPU_SUPPORT[dtype] = False
     return _CPU_SUPPORT[dtype]
-
-
-def _cpu_weight_grad_works(dtype: torch.dtype) -> bool:
-    """Whether `torch._grouped_mm(x.t(), dy, offs)` (groups along the reduction) gives the
-    per-group x_e^T @ dy_e on CPU in this torch (not every version has that form there)."""
-    if dtype not in _CPU_WEIGHT_GRAD_SUPPORT:
-        try:
-            gen = torch.Generator().manual_seed(0)
-            x = torch.randn(5, 8, generator=gen).to(dtype)
-            dy = torch.randn(5, 16, generator=gen).to(dtype)
-            offs = torch.tensor([2, 2, 5], dtype=torch.int32)
-            got = torch._grouped_mm(x.t(), dy, offs=offs).float()
-            want = torch.stack([x[:2].t().float() @ dy[:2].float(), torch.zeros(8, 16),
-                                x[2:].t().float() @ dy[2:].float()])
-            _CPU_WEIGHT_GRAD_SUPPORT[dtype] = bool(torch.allclose(got, want, rtol=2e-2,
-                                                                  atol=2e-2))
-        except (RuntimeError, NotImplementedError, TypeError, AttributeError):
-            _CPU_WEIGHT_GRAD_SUPPORT[dtype] = False
-    return _CPU_WEIGHT_GRAD_SUPPORT[dtype]

@@ -115,10 +115,11 @@ def test_row_alignment_keeps_padding_small_and_is_off_on_small_batches():
 
 
 def test_grouped_mm_pair_in_bfloat16_matches_float32_math():
-    """bf16 on CPU (the native `torch._grouped_mm` weight gradients, where this torch has them)
-    against the same products in float32: within a few bf16 roundings of each tensor's scale."""
+    """bf16 on CPU (weight gradients from each group's transposed copy, an odd row count and an
+    empty group) against the same products in float32: within a few bf16 roundings of each
+    tensor's scale."""
     gen = torch.Generator().manual_seed(3)
-    counts = [70, 0, 33, 25]
+    counts = [70, 0, 33, 25]  # 2 rows past the last group
     offs = torch.tensor(counts).cumsum(0).to(torch.int32)
     x = torch.randn(130, 16, generator=gen).bfloat16().requires_grad_()
     w_a, w_b = (torch.randn(4, 16, 32, generator=gen).bfloat16().requires_grad_()
@@ -134,3 +135,18 @@ def test_grouped_mm_pair_in_bfloat16_matches_float32_math():
         scale = float(ref.detach().abs().max())
         assert float((out.detach().float() - ref.detach()).abs().max()) <= 0.02 * scale
     assert float(got[1][1].abs().max()) == 0.0  # the empty group
+
+
+def test_grouped_mm_pair_zeroes_the_weight_gradient_of_an_empty_group(monkeypatch):
+    """The backward allocates its weight gradients uninitialised: an empty group's block must be
+    written (zeros), whatever the memory held (here: NaN)."""
+    real_empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like",
+                        lambda t, **kw: real_empty_like(t, **kw).fill_(float("nan")))
+    x = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    w_a, w_b = (torch.randn(3, 8, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    a, b = torch_ref.grouped_mm_pair(x, w_a, w_b, torch.tensor([2, 2, 6], dtype=torch.int32))
+    (a.sum() + b.sum()).backward()
+    for w in (w_a, w_b):
+        assert torch.isfinite(w.grad).all() and float(w.grad[1].abs().max()) == 0.0
+    assert torch.isfinite(x.grad).all()
