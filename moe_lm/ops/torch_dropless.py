@@ -12,10 +12,10 @@ dim of a (T, k, D) tensor.
 
 Row-aligned groups (`route_aligned`): `order` may also hold padding entries, values >= A, placed
 after the real rows of each expert so that every expert's row count is a multiple of `align`.
-Gather gives zero rows for them, scatter ignores them. On CPU the per-expert GEMMs run on tiles
-of rows, and a group whose row count is a multiple of 64 runs about 8% faster than one with a
-ragged tail (experiments/results/cpu_bench_2026-11-26_session2.md); the padding costs at most
-align - 1 rows per expert.
+Gather gives zero rows for them, scatter ignores them. On CPU the weight-gradient GEMMs reduce
+over an expert's rows, and with a transposed view as left operand (w2's, from autograd) a ragged
+row count makes them up to 1.4x slower (bf16, 1088 rows: 1.86 ms, 1040: 2.56 ms; row-major, as
+GroupedMMPair's: 1.22 and 1.25 ms); the padding costs at most align - 1 rows per expert.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-MAX_ALIGN = 64  # rows; the alignment measured fastest on CPU (16, 32, 64 and 128 were tried)
+MAX_ALIGN = 32  # rows; the layer measured fastest with 32 (1, 16, 32, 64 and 128 were tried)
 
 
 def row_alignment(x_TD: torch.Tensor, top_k: int, num_experts: int) -> int:
     """Row alignment of the expert groups for this batch: 1 (none) off the CPU and under
     `torch.compile` (its row count would depend on the data), else the largest power of two up
-    to 64 that keeps the expected padding (align / 2 rows per expert) within 1/32 of the rows."""
+    to 32 that keeps the expected padding (align / 2 rows per expert) within 1/32 of the rows."""
     if x_TD.device.type != "cpu" or torch.compiler.is_compiling():
         return 1
     align = MAX_ALIGN
