@@ -82,11 +82,20 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
         # the usual case (loss.backward() on this loss plus others, no accumulation scale): the
-        # gradients as computed, without a pass over the (V, D) weight gradient; a CPU scalar,
-        # so checking it costs no device sync
-        if grad_out.device.type == "cpu" and grad_out.numel() == 1 and float(grad_out) == 1.0:
+        # gradients as computed, without a pass over the (V, D) weight gradient
+        if _is_cpu_one(grad_out):
             return grad_h, grad_w.to(ctx.w_dtype), None, None, None, None, None
         return grad_h * grad_out, (grad_w * grad_out).to(ctx.w_dtype), None, None, None, None, None
+
+
+def _is_cpu_one(t: torch.Tensor) -> bool:
+    """Whether t is a real CPU scalar equal to 1 (reading it costs no device sync; fake tensors,
+    as in memory planning, and traced ones have no value to read)."""
+    if t.device.type != "cpu" or t.numel() != 1 or torch.compiler.is_compiling():
+        return False
+    if torch._subclasses.fake_tensor.is_fake(t):
+        return False
+    return float(t) == 1.0
 
 
 def fused_linear_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N: torch.Tensor,
