@@ -67,3 +67,18 @@ def test_dropless_combine_weight_gradient_keeps_logical_order_for_strided_weight
     (grad_kT,) = torch.autograd.grad(out, [w_kT], g)
     y_TkD = torch.empty_like(y).index_put((order_M,), y).view(T, k, D)
     torch.testing.assert_close(grad_kT, (y_TkD * g.unsqueeze(1)).sum(-1).t())
+
+
+def test_dropless_gather_gradient_in_bfloat16_rounds_like_autograds_sum():
+    """The gather's backward sums each token's k row gradients: in bf16 exactly what autograd's
+    sum of the repeated rows gives (round to nearest even), not a biased rounding of ties."""
+    gen = torch.Generator().manual_seed(5)
+    T, k, E, D = 512, 2, 8, 64
+    idx_Tk = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
+    order_M, _ = torch_ref.route(idx_Tk, E)
+    x = torch.randn(T, D, generator=gen).bfloat16().requires_grad_()
+    g_MD = torch.randn(T * k, D, generator=gen).bfloat16()
+    (got,) = torch.autograd.grad(torch_ref.gather(x, order_M, k), x, g_MD)
+    g_TkD = torch.empty_like(g_MD).index_copy_(0, order_M, g_MD).view(T, k, D)
+    want = (g_TkD[:, 0].float() + g_TkD[:, 1].float()).bfloat16()  # exact sum, rounded once
+    assert torch.equal(got, want)
