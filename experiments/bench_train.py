@@ -134,7 +134,7 @@ class MixtralStep:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(out.loss - self.cfg.loss.aux_coef * out.aux_loss)  # the LM loss
+        return float((out.loss - self.cfg.loss.aux_coef * out.aux_loss).detach())  # the LM loss
 
 
 def flops_per_token(trainer: Trainer) -> float:
