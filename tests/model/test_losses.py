@@ -35,15 +35,19 @@ def test_fused_cross_entropy_under_bf16_autocast_is_close_to_fp32():
 
 def test_fused_cross_entropy_unscaled_backward_twice_with_retained_graph():
     """grad_out == 1 returns the saved gradients without a copy: a second backward through the
-    retained graph must still see them unchanged (accumulated gradients double)."""
+    retained graph must still see them unchanged, also after .grad was zeroed in place (what
+    `zero_grad(set_to_none=False)` does) and after gradients accumulated."""
     h = torch.randn(12, 16, requires_grad=True, dtype=torch.float64)
     w = torch.randn(30, 16, requires_grad=True, dtype=torch.float64)
     y = torch.randint(0, 30, (12,))
     got = fused_linear_cross_entropy(h, w, y, chunk=5)
-    got.backward(retain_graph=True)
-    first = (h.grad.clone(), w.grad.clone())
-    got.backward()
     ref = F.cross_entropy(h @ w.t(), y)
     want = torch.autograd.grad(ref, [h, w])
-    torch.testing.assert_close(first, want)
+    got.backward(retain_graph=True)
+    torch.testing.assert_close((h.grad, w.grad), want)
+    h.grad.zero_()
+    w.grad.zero_()
+    got.backward(retain_graph=True)
+    torch.testing.assert_close((h.grad, w.grad), want)
+    got.backward()
     torch.testing.assert_close((h.grad, w.grad), tuple(2 * g for g in want))
