@@ -38,8 +38,10 @@ class GroupedMMPair(torch.autograd.Function):
         grad_a, grad_b = grad_a.contiguous(), grad_b.contiguous()
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
         grad_x = torch.empty_like(x_TK) if need_x else None
-        grad_wa = torch.empty_like(w_a) if need_a else None
-        grad_wb = torch.empty_like(w_b) if need_b else None
+        # contiguous whatever the weights' strides: each group's block is a matmul's `out`
+        dense = torch.contiguous_format
+        grad_wa = torch.empty_like(w_a, memory_format=dense) if need_a else None
+        grad_wb = torch.empty_like(w_b, memory_format=dense) if need_b else None
         start = 0
         for e, end in enumerate(offs_E.tolist()):
             if end <= start:  # an empty group: no gradient rows, zero weight gradients
