@@ -15,6 +15,7 @@ from torch import nn
 
 from moe_lm.config import ExpertConfig, LossConfig
 from moe_lm.model.router import Router, load_balance_loss, router_entropy, z_loss
+from moe_lm.model.terms import LossTerm, Terms
 from moe_lm.ops import get_backend
 from moe_lm.parallel.expert_parallel import local_tensor
 
@@ -23,8 +24,7 @@ from moe_lm.parallel.expert_parallel import local_tensor
 class MoEStats:
     """What one MoE layer reports for a forward pass: its losses and its routing balance."""
 
-    aux_loss: torch.Tensor  # scalar, differentiable
-    z_loss: torch.Tensor  # scalar, differentiable
+    terms: Terms  # the layer's named loss terms (aux_loss: balance, z_loss: router z-loss)
     tokens_per_expert: torch.Tensor  # (E,) assignments routed to each expert (before drops)
     dropped_frac: torch.Tensor  # scalar, share of assignments dropped by capacity
     entropy: torch.Tensor  # scalar, mean router entropy
@@ -134,8 +134,8 @@ class MoE(nn.Module):
         else:
             balance = load_balance_loss(routing.probs_TE, routing.expert_idx_Tk, seq_len)
         stats = MoEStats(
-            aux_loss=balance,
-            z_loss=z_loss(routing.logits_TE),
+            terms={"aux_loss": LossTerm(balance, self.loss_cfg.aux_coef),
+                   "z_loss": LossTerm(z_loss(routing.logits_TE), self.loss_cfg.z_coef)},
             tokens_per_expert=tokens_per_expert.detach(),
             dropped_frac=dropped,
             entropy=router_entropy(routing.probs_TE.detach()),

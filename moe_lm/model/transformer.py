@@ -16,16 +16,22 @@ from torch import nn
 from moe_lm.config import ExpertConfig, LossConfig, ModelConfig
 from moe_lm.model.losses import fused_linear_cross_entropy
 from moe_lm.model.moe import MoE, MoEStats, SwiGLU
+from moe_lm.model.terms import Terms, mean_terms
 
 
 @dataclass
 class ModelOutput:
-    """Logits (when asked for), the LM loss (when targets were given) and each MoE layer's stats."""
+    """Logits (when asked for), the LM loss (when targets were given), each MoE layer's stats
+    and their loss terms averaged over the layers (what the training step adds to the LM loss)."""
 
     logits: torch.Tensor | None
     lm_loss: torch.Tensor | None
     moe_stats: list[MoEStats]
     hidden: torch.Tensor | None = None  # (B, S, D) final normed hidden states (extra objectives)
+
+    @property
+    def terms(self) -> Terms:
+        return mean_terms([s.terms for s in self.moe_stats])
 
 
 class RMSNorm(nn.Module):

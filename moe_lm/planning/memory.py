@@ -35,6 +35,7 @@ from moe_lm.errors import MoeLMError
 from moe_lm.parallel import build_mesh, parallelize
 from moe_lm.planning.balanced import use_balanced_routing
 from moe_lm.planning.counting import build_meta_model
+from moe_lm.model.terms import total_loss
 from moe_lm.training.optim import build_optimizer
 
 # tracker categories (torch.distributed._tools) -> the parts the plan reports
@@ -117,11 +118,7 @@ def _autocast(cfg: TrainConfig):
 def _step(model, tokens, cfg: TrainConfig):
     with _autocast(cfg):
         out = model(tokens[:, :-1], tokens[:, 1:], return_logits=False)
-        loss = out.lm_loss
-        if out.moe_stats:
-            aux = torch.stack([s.aux_loss for s in out.moe_stats]).mean()
-            z = torch.stack([s.z_loss for s in out.moe_stats]).mean()
-            loss = loss + cfg.loss.aux_coef * aux + cfg.loss.z_coef * z
+        loss = total_loss(out.lm_loss, out.terms)
     loss.backward()
 
 

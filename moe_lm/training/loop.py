@@ -21,6 +21,7 @@ from moe_lm.config import TrainConfig
 from moe_lm.data import TokenLoader, get_tokenizer, prepare
 from moe_lm.errors import CheckpointError, MoeLMError
 from moe_lm.model import ModelOutput, Transformer
+from moe_lm.model.terms import total_loss
 from moe_lm.objectives import ExtraObjectives
 from moe_lm.model.router import Router, update_score_bias
 from moe_lm.parallel import build_mesh, clip_grad_norm_, init_on_device, parallelize, validate_layout
@@ -81,12 +82,12 @@ class LossParts:
 
 
 def combine_losses(out: ModelOutput, cfg: TrainConfig) -> LossParts:
-    """LM loss + aux_coef * mean balance loss + z_coef * mean z-loss over MoE layers."""
+    """LM loss + the MoE layers' weighted loss terms (balance and z-loss, averaged over layers)."""
     zero = out.lm_loss.new_zeros(())
-    aux = torch.stack([s.aux_loss for s in out.moe_stats]).mean() if out.moe_stats else zero
-    z = torch.stack([s.z_loss for s in out.moe_stats]).mean() if out.moe_stats else zero
-    total = out.lm_loss + cfg.loss.aux_coef * aux + cfg.loss.z_coef * z
-    return LossParts(total, out.lm_loss, aux, z)
+    terms = out.terms
+    aux = terms["aux_loss"].value if "aux_loss" in terms else zero
+    z = terms["z_loss"].value if "z_loss" in terms else zero
+    return LossParts(total_loss(out.lm_loss, terms), out.lm_loss, aux, z)
 
 
 class Trainer:

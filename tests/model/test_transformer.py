@@ -64,7 +64,7 @@ def test_loss_is_finite_and_backward_reaches_every_parameter():
     net, _, _ = tiny()
     x = torch.randint(0, 97, (2, 9))
     out = net(x[:, :-1], x[:, 1:])
-    loss = out.lm_loss + sum(s.aux_loss + s.z_loss for s in out.moe_stats)
+    loss = out.lm_loss + sum(s.terms["aux_loss"].value + s.terms["z_loss"].value for s in out.moe_stats)
     loss.backward()
     assert torch.isfinite(loss)
     missing = [n for n, p in net.named_parameters() if p.grad is None]

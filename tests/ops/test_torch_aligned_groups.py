@@ -93,7 +93,7 @@ def test_moe_layer_with_aligned_groups_matches_unaligned(monkeypatch):
     def run():
         xg = x.clone().requires_grad_()
         out, stats = moe(xg)
-        grads = torch.autograd.grad(out.square().sum() + stats.aux_loss,
+        grads = torch.autograd.grad(out.square().sum() + stats.terms["aux_loss"].value,
                                     [xg, *moe.parameters()])
         return out, stats.tokens_per_expert, grads
 

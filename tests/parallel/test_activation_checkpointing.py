@@ -18,7 +18,7 @@ def _loss_and_grads(mode: str):
     apply_activation_checkpointing(model, mode)
     tokens = torch.randint(0, cfg.model.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
     out = model(tokens[:, :-1], tokens[:, 1:], return_logits=False)
-    loss = out.lm_loss + sum(s.aux_loss for s in out.moe_stats)
+    loss = out.lm_loss + sum(s.terms["aux_loss"].value for s in out.moe_stats)
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 

@@ -21,7 +21,7 @@ def _model(backend: str) -> Transformer:
 def _loss_and_grads(model, tokens, autocast: bool):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         out = model(tokens[:, :-1], tokens[:, 1:], return_logits=False)
-        loss = out.lm_loss + 0.01 * sum(s.aux_loss for s in out.moe_stats)
+        loss = out.lm_loss + 0.01 * sum(s.terms["aux_loss"].value for s in out.moe_stats)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
