@@ -15,6 +15,7 @@ the source's bytes with documents/s and tokens/s (the rates of this session's ch
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -52,13 +53,19 @@ class TokenizeChunks(PipelineStep):
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         """Writes this task's chunks (those already recorded are skipped); yields no documents."""
-        tokenizer = get_tokenizer(self.plan.tokenizer["name"])
+        tokenizer = _tokenizer(self.plan.tokenizer["name"])
         for chunk in self.plan.chunks[rank::world_size]:
             record = write_chunk(self.plan, chunk.index, tokenizer)
             self.stat_update("documents", value=record["documents"]["total"], unit="chunk")
             self.stat_update("tokens", value=sum(s["tokens"] for split in record["shards"].values()
                                                  for s in split), unit="chunk")
         return iter(())
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(name: str) -> Tokenizer:
+    """One tokenizer per worker process: loading the BPE ranks costs more than a small task."""
+    return get_tokenizer(name)
 
 
 class PublishStep(PipelineStep):

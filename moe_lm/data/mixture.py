@@ -96,6 +96,14 @@ class RunData:
         """The mixture's loss: per-source losses averaged with the mixture's weights."""
         return sum(self.weights[name] * loss for name, loss in losses.items())
 
+    def eval_row(self, losses: dict[str, float]) -> dict[str, float]:
+        """`val_loss` and, for a mixture, `val/<name>/loss` and `data/<name>/epochs` (seen)."""
+        row = {"val_loss": self.val_loss(losses)}
+        if isinstance(self.train, MixtureLoader):
+            row.update({f"val/{name}/loss": loss for name, loss in losses.items()})
+            row.update({f"data/{name}/epochs": e for name, e in self.train.epochs().items()})
+        return row
+
 
 def open_run_data(cfg: DataConfig, tokenizer: Tokenizer, seed: int, rank: int = 0,
                   world_size: int = 1) -> RunData:

@@ -339,15 +339,19 @@ def _write_json(path: Path, obj: dict) -> None:
 
 @contextlib.contextmanager
 def _exclusive(lock_path: Path):
-    """Holds an exclusive file lock (POSIX flock; a no-op where fcntl is missing)."""
+    """Holds an exclusive file lock (a no-op where fcntl is missing).
+
+    A POSIX record lock (lockf), not flock: forked children (datatrove's worker pool and manager)
+    do not inherit it, so a killed prepare whose children outlive it never blocks the next one.
+    """
     try:
         import fcntl
     except ImportError:  # Windows: the atomic rename alone keeps the cache consistent
         yield
         return
     with open(lock_path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        fcntl.lockf(f, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            fcntl.lockf(f, fcntl.LOCK_UN)
