@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 CHILD = r"""
-import json, resource, runpy, sys, time
+import json, re, resource, runpy, sys, time
 sys.argv = ["moe_lm.prepare"] + json.loads(sys.argv[1])
 mode = sys.argv.pop(1)
 t0 = time.perf_counter()
@@ -44,8 +44,8 @@ else:
 ru_s, ru_c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
 print("RESULT", json.dumps({"seconds": time.perf_counter() - t0,
       "cpu_s": ru_s.ru_utime + ru_s.ru_stime + ru_c.ru_utime + ru_c.ru_stime,
-      "rss_mb": max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                    resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024}))
+      # VmHWM: this process's own peak (ru_maxrss would carry the parent's peak at fork)
+      "rss_mb": int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024}))
 """
 
 
