@@ -4,6 +4,8 @@ jsonl reader (read only, no tokenizing).
 
     python experiments/bench_prepare.py --mb 64 --chunk-mb 8 --out /tmp/bench_prepare
 
+Needs the `moe_lm[data]` extra, and orjson for datatrove's JsonlReader in the reader comparison.
+
 The corpus is real text: the standard library's .py sources as JSON lines, repeated (in a fixed
 order) up to `--mb` megabytes. Every variant runs in a fresh process and prepares into its own
 cache directory, so each pays for the whole tokenization; the shards of all variants are compared
