@@ -249,8 +249,10 @@ def open_binary(path: Path) -> io.BufferedIOBase:
             raise DataError(f"{path} is zstd-compressed, which needs the zstandard package: "
                             "pip install 'moe_lm[data]' (or pip install zstandard), or "
                             "decompress it (zstd -d).") from exc
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"),
-                                                                           closefd=True))
+        # read_across_frames: files made by concatenating zstd frames (pzstd, cat a.zst b.zst)
+        reader = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True,
+                                                            read_across_frames=True)
+        return io.BufferedReader(reader)
     return open(path, "rb")
 
 

@@ -194,7 +194,7 @@ class MixtureLoader:
                 self._orders.clear()
             rng = np.random.default_rng([self.seed, epoch, k, 1])
             self._orders[key] = rng.permutation(src.n_windows)
-        return src._gather(self._orders[key][pos:pos + 1])[0].numpy()
+        return src.gather(self._orders[key][pos:pos + 1])[0].numpy()
 
     def epochs(self) -> dict[str, float]:
         """Epochs of each source seen so far over all ranks (> 1: the source repeated)."""

@@ -245,7 +245,7 @@ def publish(plan: Plan) -> dict:
         "fingerprint": plan.fingerprint,
     }
     _write_json(plan.partial / "meta.json", meta)
-    (plan.partial / "plan.json").unlink()
+    (plan.partial / "plan.json").unlink(missing_ok=True)
     if plan.final.exists():  # a directory without meta.json: not ours to trust
         shutil.rmtree(plan.final)
     os.rename(plan.partial, plan.final)
