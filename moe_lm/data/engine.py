@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -135,8 +136,10 @@ def submit_slurm(cfg: DataConfig, tokenizer: Tokenizer, pcfg: PrepareConfig) -> 
         return plan.final
     plan.final.parent.mkdir(parents=True, exist_ok=True)
     start_partial(plan)
+    activate = Path(sys.prefix) / "bin" / "activate"  # the jobs run in this environment
     common = dict(time=pcfg.slurm_time, partition=pcfg.slurm_partition,
-                  mem_per_cpu_gb=pcfg.slurm_mem_per_cpu_gb, skip_completed=True)
+                  mem_per_cpu_gb=pcfg.slurm_mem_per_cpu_gb, skip_completed=True,
+                  venv_path=str(activate) if activate.is_file() else None)
     tokenize = SlurmPipelineExecutor(
         [TokenizeChunks(plan)], tasks=_tasks(plan, pcfg), cpus_per_task=pcfg.slurm_cpus_per_task,
         job_name=pcfg.slurm_job_name, logging_dir=_logging_dir(plan, pcfg) + "/tokenize",

@@ -34,7 +34,7 @@ def corpus(root: Path) -> Path:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_engine_writes_the_in_run_shards(tmp_path, data_cfg, tok, workers):
+def test_engine_writes_the_in_run_shards(tmp_path, data_cfg, tok, workers, capfd):
     root = corpus(tmp_path / "d")
     in_run = prepare(data_cfg(root, chunk_mb=0.004, cache_dir=str(tmp_path / "in_run")), tok)
     cfg = data_cfg(root, chunk_mb=0.004, cache_dir=str(tmp_path / f"w{workers}"))
@@ -42,6 +42,8 @@ def test_engine_writes_the_in_run_shards(tmp_path, data_cfg, tok, workers):
     engine = prepare_on_engine(cfg, tok, PrepareConfig(workers=workers))
     assert engine.name == in_run.name  # the same cache key: train reads what prepare made
     assert same_shards(engine, in_run)
+    bar = capfd.readouterr().err  # the progress bar: bytes, documents/s, tokens/s, ETA
+    assert "100%" in bar and "docs/s" in bar and "tokens/s" in bar
     logs = Path(cfg.cache_dir) / "prepare_logs" / engine.name
     assert len(list((logs / "completions").iterdir())) == len(plan_prepare(cfg, tok).chunks)
 
@@ -117,3 +119,45 @@ def test_prepare_of_a_mixture_config_is_refused(tmp_path, data_cfg, tok):
     cfg.sources = [SourceConfig("web", str(tmp_path), 1.0)]
     with pytest.raises(DataError, match="mixture"):
         prepare(cfg, tok)
+
+
+FAKE_SBATCH = r"""#!/bin/bash
+# A one-machine stand-in for SLURM's sbatch: runs every task of the array now, in order, then
+# prints the job id. Jobs run in submission order, so a dependency has always finished.
+script="${@: -1}"; offset=0
+for a in "$@"; do case $a in --export=*RUN_OFFSET=*) offset=${a##*RUN_OFFSET=};; esac; done
+spec=$(sed -n 's/^#SBATCH --array=\([0-9]*-[0-9]*\).*/\1/p' "$script"); spec=${spec:-0-0}
+for i in $(seq "${spec%-*}" "${spec#*-}"); do
+  RUN_OFFSET=$offset SLURM_ARRAY_TASK_ID=$i SLURM_JOB_ID=7 SLURM_NODELIST=localhost bash "$script" >> "$FAKE_SLURM_LOG" 2>&1 \
+    || { echo "task $i failed" >&2; exit 1; }
+done
+echo "Submitted batch job 7"
+"""
+FAKE_SRUN = r"""#!/bin/bash
+while [ $# -gt 0 ]; do case $1 in -n|-N) shift 2;; -*) shift;; *) break;; esac; done
+exec "$@"
+"""
+FAKE_SCONTROL = "#!/bin/bash\necho localhost\n"  # `scontrol show hostnames $SLURM_NODELIST`
+
+
+@pytest.mark.slow
+def test_slurm_executor_writes_the_in_run_shards(tmp_path, data_cfg, tok, monkeypatch):
+    """SLURM's sbatch / srun / scontrol replaced by scripts that run the job array on this
+    machine: the job array and the dependent publish job give the in-process shards."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("sbatch", FAKE_SBATCH), ("srun", FAKE_SRUN),
+                       ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SLURM_LOG", str(tmp_path / "slurm.log"))
+    root = corpus(tmp_path / "d")
+    in_run = prepare(data_cfg(root, chunk_mb=0.004, cache_dir=str(tmp_path / "in_run")), tok)
+    cfg = data_cfg(root, chunk_mb=0.004, cache_dir=str(tmp_path / "slurm"))
+    pcfg = PrepareConfig(executor="slurm", slurm_partition="cpu", tasks=3)
+    assert prepare_on_engine(cfg, tok, pcfg) is None  # submitted: the jobs publish it
+    plan = plan_prepare(cfg, tok)
+    log = (tmp_path / "slurm.log").read_text() if (tmp_path / "slurm.log").exists() else ""
+    assert plan.done, log[-3000:]
+    assert same_shards(plan.final, in_run)
