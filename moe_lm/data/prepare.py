@@ -87,9 +87,10 @@ def plan_prepare(cfg: DataConfig, tokenizer: Tokenizer) -> Plan:
         raise DataError("data.sources is a mixture: each source is prepared on its own "
                         "(moe_lm.data.mixture.prepare_sources, or python -m moe_lm.prepare).")
     source = open_source(cfg.path, cfg.corpus_mb)
-    chunks = plan_chunks(source, cfg.chunk_mb)
     fp = fingerprint(source, tokenizer, cfg.val_fraction, cfg.chunk_mb)
     final = Path(os.path.expanduser(cfg.cache_dir)) / "tokens" / f"{tokenizer.name}-{fp[:16]}"
+    # A published directory needs no chunks (planning reads every parquet file's metadata).
+    chunks = [] if (final / "meta.json").is_file() else plan_chunks(source, cfg.chunk_mb)
     tok_meta = {"name": tokenizer.name, "n_vocab": tokenizer.n_vocab,
                 "eot_id": tokenizer.eot_id, "source": tokenizer.source}
     return Plan(cfg, tok_meta, source, chunks, fp, final)
