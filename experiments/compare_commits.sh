@@ -16,7 +16,8 @@ done
 for round in $(seq "$rounds"); do
   for side in old new; do
     tree=$repo; [ "$side" = old ] && tree=$old_dir
-    echo "===== round $round: $side ($(git -C "$tree" rev-parse --short HEAD)$([ "$side" = new ] && git -C "$repo" diff --quiet || echo '+changes'))"
+    dirty=""; git -C "$tree" diff --quiet HEAD || dirty="+uncommitted changes"
+    echo "===== round $round: $side ($(git -C "$tree" rev-parse --short HEAD)$dirty)"
     (cd "$tree" && PYTHONPATH="$tree" python "$@")
   done
 done
