@@ -29,14 +29,15 @@ import torch.nn.functional as F
 MAX_ALIGN = 32  # rows; the layer measured fastest with 32 (1, 16, 32, 64 and 128 were tried)
 
 
-def row_alignment(x_TD: torch.Tensor, top_k: int, num_experts: int) -> int:
-    """Row alignment of the expert groups for this batch: 1 (none) off the CPU and under
-    `torch.compile` (its row count would depend on the data), else the largest power of two up
-    to 32 that keeps the expected padding (align / 2 rows per expert) within 1/32 of the rows."""
-    if x_TD.device.type != "cpu" or torch.compiler.is_compiling():
+def row_alignment(rows_T: torch.Tensor, top_k: int, num_experts: int) -> int:
+    """Row alignment of the expert groups for a batch of T tokens (`rows_T`: any tensor of the
+    batch with T rows, e.g. x or the expert ids): 1 (none) off the CPU and under `torch.compile`
+    (its row count would depend on the data), else the largest power of two up to 32 that keeps
+    the expected padding (align / 2 rows per expert) within 1/32 of the rows."""
+    if rows_T.device.type != "cpu" or torch.compiler.is_compiling():
         return 1
     align = MAX_ALIGN
-    while align > 1 and align * num_experts * 16 > x_TD.shape[0] * top_k:
+    while align > 1 and align * num_experts * 16 > rows_T.shape[0] * top_k:
         align //= 2
     return align if align >= 16 else 1
 
