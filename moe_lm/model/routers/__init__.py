@@ -13,6 +13,7 @@ from moe_lm.config import ExpertConfig, LossConfig
 from moe_lm.errors import ConfigError
 from moe_lm.model.routers.base import Router, TopKRouter, softmax_over_experts
 from moe_lm.model.routers.expert_choice import ExpertChoice, expert_choice_capacity
+from moe_lm.model.routers.group_limited import GroupLimitedTopK
 from moe_lm.model.routers.sigmoid_topk import SigmoidTopK
 from moe_lm.model.routers.softmax_topk import SoftmaxTopK
 
@@ -20,6 +21,7 @@ ROUTERS: dict[str, type[Router]] = {
     "softmax": SoftmaxTopK,
     "sigmoid": SigmoidTopK,
     "expert_choice": ExpertChoice,
+    "group_limited": GroupLimitedTopK,
 }
 
 
@@ -31,5 +33,5 @@ def build_router(d_model: int, cfg: ExpertConfig, loss_cfg: LossConfig) -> Route
     return ROUTERS[cfg.router](d_model, cfg, loss_cfg)
 
 
-__all__ = ["ROUTERS", "ExpertChoice", "Router", "SigmoidTopK", "SoftmaxTopK", "TopKRouter",
+__all__ = ["ROUTERS", "ExpertChoice", "GroupLimitedTopK", "Router", "SigmoidTopK", "SoftmaxTopK", "TopKRouter",
            "build_router", "expert_choice_capacity", "softmax_over_experts"]
