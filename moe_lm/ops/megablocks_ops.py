@@ -1,7 +1,7 @@
 """The `megablocks` backend: MegaBlocks' sort/histogram and grouped GEMM (CUDA only).
 
 Legend: T tokens, k assignments per token, M kept assignments (<= T*k), E experts, D/K/N widths.
-Same signatures and semantics as `moe_lm.ops.torch_ref` (design section 3).
+Same signatures and semantics as `moe_lm.ops.reference` (the kernel API of `moe_lm.ops.backend.ExpertBackend`).
 
 What comes from MegaBlocks: `route` (its CUB radix sort, which is stable, and its histogram) and
 `grouped_mm` (its CUTLASS grouped GEMM, `megablocks.grouped_gemm_util.ops.gmm`, differentiable).
@@ -20,6 +20,8 @@ import importlib
 import torch
 
 from moe_lm.errors import ConfigError
+from moe_lm.ops import triton_ops
+from moe_lm.ops.backend import ExpertBackend
 
 _INSTALL_HINT = ("expert.backend=megablocks needs megablocks and a CUDA GPU: on a CUDA machine run "
                  "`pip install 'moe-lm[megablocks]'`, or choose expert.backend=torch or "
@@ -64,16 +66,12 @@ def route(expert_idx_Tk: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, 
 def gather(x_TD: torch.Tensor, order_M: torch.Tensor, top_k: int) -> torch.Tensor:
     """Rows of x in expert order, each token repeated per assignment: (M, D) = x[order // k]."""
     _require_cuda(x_TD, order_M)
-    from moe_lm.ops import triton_ops
-
     return triton_ops.gather(x_TD, order_M, top_k)
 
 
 def scatter(y_MD: torch.Tensor, order_M: torch.Tensor, weights_Tk: torch.Tensor) -> torch.Tensor:
     """Back to token order with the combine: out[t] = sum_j w[t, j] * y[pos(t*k + j)]; (T, D)."""
     _require_cuda(y_MD, order_M, weights_Tk)
-    from moe_lm.ops import triton_ops
-
     return triton_ops.scatter(y_MD, order_M, weights_Tk)
 
 
@@ -91,3 +89,13 @@ def grouped_mm(x_TK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor) ->
     if used == x_TK.shape[0]:
         return y_UN
     return torch.cat([y_UN, y_UN.new_zeros(x_TK.shape[0] - used, y_UN.shape[1])])
+
+
+class MegaBlocksBackend(ExpertBackend):
+    """`expert.backend=megablocks`: the functions above behind the backend seam."""
+
+    name = "megablocks"
+    route = staticmethod(route)
+    gather = staticmethod(gather)
+    scatter = staticmethod(scatter)
+    grouped_mm = staticmethod(grouped_mm)

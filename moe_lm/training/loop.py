@@ -21,7 +21,7 @@ from moe_lm.data import TokenLoader, get_tokenizer, prepare
 from moe_lm.errors import CheckpointError, MoeLMError
 from moe_lm.model import Transformer
 from moe_lm.objectives import ExtraObjectives
-from moe_lm.model.router import Router, update_score_bias
+from moe_lm.model.routers import Router
 from moe_lm.parallel import build_mesh, clip_grad_norm_, init_on_device, parallelize, validate_layout
 from moe_lm.parallel.precision import Precision
 from moe_lm.training import distributed as dist_utils
@@ -253,7 +253,7 @@ class Trainer:
         if dist_utils.is_initialized():
             torch.distributed.all_reduce(load_LE)
         for router, load_E in zip(self.routers(), load_LE):
-            update_score_bias(router, load_E, rate)
+            router.update_score_bias(load_E, rate)
 
     def plot_routing(self, logger: MetricsLogger) -> None:
         """The expert-load heatmap PNG of the run so far, also sent to wandb (rank 0)."""
