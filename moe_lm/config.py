@@ -14,6 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from moe_lm.errors import ConfigError
+from moe_lm.start_time import agreed_start_time
 
 
 @dataclass
@@ -201,8 +202,6 @@ def register_configs() -> None:
 def _run_start(pattern: str) -> str:
     """`${run_start:%H-%M-%S}`: like Hydra's `${now:...}`, but every rank of a torchrun job
     resolves the same start time, so all ranks share one run directory."""
-    from moe_lm.training.distributed import agreed_start_time
-
     return agreed_start_time().strftime(pattern)
 
 

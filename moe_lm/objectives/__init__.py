@@ -14,6 +14,7 @@ from moe_lm.model.terms import LossTerm, Terms
 from moe_lm.objectives.distill import distill_kl
 from moe_lm.objectives.mtp import MTPHeads
 from moe_lm.training import distributed as dist_utils
+from moe_lm.training.trained_model import load_trained_model
 
 __all__ = ["ExtraObjectives", "MTPHeads", "distill_kl"]
 
@@ -31,12 +32,12 @@ class ExtraObjectives:
         self.teacher: Transformer | None = None
         self.mtp: MTPHeads | None = None
         if cfg.loss.distill_coef > 0:
-            from moe_lm.inference import load_model  # the teacher is a trained checkpoint
-            teacher = load_model(cfg.loss.distill_teacher, device=device.type,
-                                 backend=cfg.expert.backend)
-            if teacher.tokenizer.name != tokenizer_name:
+            teacher = load_trained_model(cfg.loss.distill_teacher, device=device.type,
+                                         backend=cfg.expert.backend)
+            teacher_tokenizer = teacher.cfg.data.tokenizer  # its checkpoint's canonical name
+            if teacher_tokenizer != tokenizer_name:
                 raise ConfigError(f"The teacher {cfg.loss.distill_teacher} uses tokenizer "
-                                  f"{teacher.tokenizer.name}, the student {tokenizer_name}: "
+                                  f"{teacher_tokenizer}, the student {tokenizer_name}: "
                                   "distillation needs the same tokenizer (data.tokenizer).")
             if teacher.cfg.model.vocab_size != cfg.model.vocab_size:
                 raise ConfigError(f"The teacher's model.vocab_size ({teacher.cfg.model.vocab_size})"

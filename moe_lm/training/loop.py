@@ -329,10 +329,6 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     Under torchrun it first checks the layout against the world size, then joins the process
     group (and leaves it at the end, also after an error).
     """
-    if cfg.trainer.dry_run:  # shapes only, on the meta device: nothing is allocated
-        from moe_lm.planning.dry_run import run_dry_run
-
-        return run_dry_run(cfg, run_dir)
     device_type = resolve_device(cfg.trainer.device).type
     validate_layout(cfg.parallel, cfg.expert, dist_utils.launched_world_size()
                     if not dist_utils.is_initialized() else dist_utils.world_size(), device_type)
