@@ -9,6 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# triton.jit picks interpreter-or-GPU when a kernel is defined, i.e. when moe_lm (its ops layer)
+# is first imported: set before anything below imports it
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 

@@ -1,5 +1,6 @@
-"""The layering of ARCHITECTURE.md, checked: imports go only downward (the import-linter contracts
-of pyproject.toml), no module import cycle, no function-level `moe_lm` import, thin entry points."""
+"""The structure ARCHITECTURE.md describes, checked: imports go only downward (the import-linter
+contracts of pyproject.toml), no module import cycle, no function-level `moe_lm` import, thin entry
+points, small files, a MoE layer that asks its backend nothing, no test doubles in the package."""
 
 from __future__ import annotations
 
@@ -132,3 +133,37 @@ def test_no_module_import_cycles():
         if module not in index:
             connect(module)
     assert not cycles, f"import cycles: {cycles}"
+
+
+MAX_FILE_LINES = 400
+
+
+def test_no_source_file_over_400_lines():
+    long = [f"{p.relative_to(ROOT)} ({n})" for p in source_files()
+            if (n := len(p.read_text().splitlines())) > MAX_FILE_LINES]
+    assert not long, f"split these files (over {MAX_FILE_LINES} lines): {', '.join(long)}"
+
+
+def calls_named(path: Path, name: str) -> list[int]:
+    """Lines of `path` that call the builtin `name` (e.g. hasattr)."""
+    tree = ast.parse(path.read_text())
+    return [node.lineno for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+            and node.func.id == name]
+
+
+def test_the_moe_layer_asks_its_backend_and_dispatcher_nothing():
+    # every backend implements ExpertBackend in full: capabilities are methods, not probes
+    for name in ("hasattr", "getattr"):
+        assert not calls_named(ROOT / "moe_lm/model/moe.py", name), name
+
+
+def test_no_test_doubles_in_the_package():
+    found = []
+    for path in source_files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.relative_to(ROOT)}:{node.lineno}" for n in names
+                      if n == "unittest" or n.startswith("unittest.")]
+    assert not found, f"unittest.mock belongs in tests, not the package: {found}"

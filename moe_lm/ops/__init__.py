@@ -10,27 +10,14 @@ from typing import Callable
 
 from moe_lm.errors import ConfigError
 from moe_lm.ops.backend import ExpertBackend
+from moe_lm.ops.megablocks_ops import MegaBlocksBackend
 from moe_lm.ops.torch_backend import TorchBackend
-
-
-# triton and megablocks load when chosen: importing Triton costs every command start-up time
-# (and reads TRITON_INTERPRET once), and megablocks' module checks for CUDA as it loads
-def _triton() -> ExpertBackend:
-    from moe_lm.ops.triton_ops import TritonBackend
-
-    return TritonBackend()
-
-
-def _megablocks() -> ExpertBackend:
-    from moe_lm.ops.megablocks_ops import MegaBlocksBackend
-
-    return MegaBlocksBackend()
-
+from moe_lm.ops.triton_ops import TritonBackend
 
 BACKENDS: dict[str, Callable[[], ExpertBackend]] = {
     "torch": TorchBackend,
-    "triton": _triton,
-    "megablocks": _megablocks,
+    "triton": TritonBackend,
+    "megablocks": MegaBlocksBackend,  # megablocks itself is imported when the backend is built
 }
 
 

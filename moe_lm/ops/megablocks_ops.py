@@ -9,12 +9,13 @@ What does not: `gather` and `scatter` run the Triton kernels of the `triton` bac
 MegaBlocks' permutation kernels need every assignment kept (and its own bins), while the kernel
 API lets `order` omit dropped assignments.
 
-Where megablocks or CUDA is missing, importing this module (which `get_backend("megablocks")`
+Where megablocks or CUDA is missing, building the backend (which `get_backend("megablocks")`
 does) raises ConfigError saying how to install it or which backend to choose instead.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import torch
@@ -28,6 +29,7 @@ _INSTALL_HINT = ("expert.backend=megablocks needs megablocks and a CUDA GPU: on 
                  "expert.backend=triton.")
 
 
+@functools.cache
 def _megablocks():
     """Returns (megablocks.ops, grouped_gemm ops) or raises ConfigError with the install hint."""
     if not torch.cuda.is_available():
@@ -50,7 +52,6 @@ def _require_cuda(*tensors: torch.Tensor) -> None:
                               "CUDA only. Use expert.backend=torch or expert.backend=triton.")
 
 
-_MB_OPS, _GG_OPS = _megablocks()  # fail at import (model build), not at the first forward
 
 
 def route(expert_idx_Tk: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,8 +59,8 @@ def route(expert_idx_Tk: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, 
     _require_cuda(expert_idx_Tk)
     flat_A = expert_idx_Tk.reshape(-1).to(torch.int32)
     end_bit = max(int(num_experts - 1).bit_length(), 1)
-    _, order_A = _MB_OPS.sort(flat_A, end_bit)
-    counts_E = _MB_OPS.histogram(flat_A, num_experts)
+    _, order_A = _megablocks()[0].sort(flat_A, end_bit)
+    counts_E = _megablocks()[0].histogram(flat_A, num_experts)
     return order_A.long(), counts_E.long()
 
 
@@ -85,7 +86,7 @@ def grouped_mm(x_TK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor) ->
     ends = offs_E.long().cpu()
     sizes_E = torch.diff(ends, prepend=ends.new_zeros(1))
     used = int(ends[-1]) if ends.numel() else 0
-    y_UN = _GG_OPS.gmm(x_TK[:used].contiguous(), w_EKN.contiguous(), sizes_E, trans_b=False)
+    y_UN = _megablocks()[1].gmm(x_TK[:used].contiguous(), w_EKN.contiguous(), sizes_E, trans_b=False)
     if used == x_TK.shape[0]:
         return y_UN
     return torch.cat([y_UN, y_UN.new_zeros(x_TK.shape[0] - used, y_UN.shape[1])])
@@ -95,6 +96,10 @@ class MegaBlocksBackend(ExpertBackend):
     """`expert.backend=megablocks`: the functions above behind the backend seam."""
 
     name = "megablocks"
+
+    def __init__(self):
+        _megablocks()  # fail when the model is built, not at the first forward
+
     route = staticmethod(route)
     gather = staticmethod(gather)
     scatter = staticmethod(scatter)
