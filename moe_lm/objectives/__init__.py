@@ -16,7 +16,15 @@ from moe_lm.objectives.mtp import MTPHeads
 from moe_lm.training import distributed as dist_utils
 from moe_lm.training.trained_model import load_trained_model
 
-__all__ = ["ExtraObjectives", "MTPHeads", "distill_kl"]
+__all__ = ["ExtraObjectives", "MTPHeads", "distill_kl", "objective_term_names"]
+
+DISTILL_TERM, MTP_TERM = "distill_kl", "mtp_loss"  # the names their values are logged under
+
+
+def objective_term_names(loss_cfg) -> list[str]:
+    """The loss terms the configured extra objectives add (what `ExtraObjectives` returns)."""
+    return ([DISTILL_TERM] if loss_cfg.distill_coef > 0 else []) + \
+        ([MTP_TERM] if loss_cfg.mtp_coef > 0 else [])
 
 
 class ExtraObjectives:
@@ -65,8 +73,8 @@ class ExtraObjectives:
                 teacher_out = self.teacher(batch_BS1[:, :-1], batch_BS1[:, 1:], return_logits=False)
             kl = distill_kl(out.hidden.flatten(0, 1), model.head_weight_VD,
                             teacher_out.hidden.flatten(0, 1), self.teacher.head_weight_VD, T)
-            terms["distill_kl"] = LossTerm(kl, self.loss_cfg.distill_coef * T * T)
+            terms[DISTILL_TERM] = LossTerm(kl, self.loss_cfg.distill_coef * T * T)
         if self.mtp is not None:
             mtp_loss = self.mtp.loss(model, batch_BS1, out.hidden)
-            terms["mtp_loss"] = LossTerm(mtp_loss, self.loss_cfg.mtp_coef)
+            terms[MTP_TERM] = LossTerm(mtp_loss, self.loss_cfg.mtp_coef)
         return terms

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 
 from moe_lm.config import TrainConfig
 from moe_lm.errors import MoeLMError
+from moe_lm.objectives import objective_term_names
 from moe_lm.parallel import apply_activation_checkpointing
 from moe_lm.planning.balanced import use_balanced_routing
 from moe_lm.planning.counting import build_meta_model, with_tokenizer_vocab
@@ -68,3 +70,17 @@ def run_dry_run(cfg: TrainConfig, run_dir) -> dict[str, Any]:
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     (Path(run_dir) / "dry_run.json").write_text(json.dumps(result, indent=2) + "\n")
     return {**result, "step": 0}
+
+
+def loss_term_names(cfg: TrainConfig) -> list[str]:
+    """The names of the loss terms a training step of `cfg` logs, in order: the model's (found by
+    a shape-only forward of its first MoE layer) and the extra objectives'."""
+    m = cfg.model
+    n_layers = min(m.n_layers, m.n_dense_layers + 1)  # the layer pattern's first MoE layer
+    small = replace(cfg, model=replace(m, n_layers=n_layers, vocab_size=max(m.vocab_size, 8)))
+    model = build_meta_model(planning_config(small))
+    use_balanced_routing(model)
+    tokens_BS1 = torch.zeros((1, 3), dtype=torch.int64, device="meta")
+    with torch.no_grad():
+        result = forward_backward(model, tokens_BS1, None, "meta", backward=False)
+    return list(result.out.terms) + objective_term_names(cfg.loss)

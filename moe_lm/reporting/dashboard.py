@@ -1,6 +1,6 @@
 """Dashboards as code: the wandb workspace of a moe_lm project, built from the run config.
 
-The workspace has four sections: loss (total, LM, balance, z-loss, validation), routing balance
+The workspace has four sections: loss (total, LM, validation, and each loss term the run logs), routing balance
 (load imbalance, dropped fraction, router entropy, the aux_free bias range and the expert-load
 heatmaps), routing per layer (one panel per MoE layer and one per routing metric across layers)
 and throughput. The MoE layers come from the config, composed like `python -m moe_lm.train`
@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence
 from moe_lm.config import TrainConfig, register_configs, to_train_config
 from moe_lm.errors import ConfigError, MoeLMError
 from moe_lm.model.transformer import is_moe_layer
+from moe_lm.planning.dry_run import loss_term_names
 
 HEATMAP_KEY = "moe/expert_load_heatmap"  # the image the training loop logs at each eval
 LAYER_METRICS = ("load_imbalance", "load_cv", "dropped_frac", "router_entropy")
@@ -50,8 +51,8 @@ def panel_metrics(cfg: TrainConfig) -> dict[str, list[tuple[str, list[str]]]]:
         "Loss": [
             ("loss", ["loss", "lm_loss"]),
             ("validation loss", ["val_loss"]),
-            ("load-balancing loss", ["aux_loss"]),
-            ("router z-loss", ["z_loss"]),
+            # one panel per loss term the run logs (balance, z-loss, objectives, ...), unweighted
+            *[(f"{name} (loss term)", [name]) for name in loss_term_names(cfg)],
             ("learning rate", ["lr"]),
             ("gradient norm", ["grad_norm"]),
         ],
