@@ -12,7 +12,7 @@ import pytest
 
 from moe_lm.config import DataConfig
 from moe_lm.data import TokenLoader, get_tokenizer, prepare
-from moe_lm.eval import evaluate_batches
+from moe_lm.inference.evaluate import evaluate_batches
 from moe_lm.inference import load_model
 from moe_lm.inference.text import token_byte_lengths
 
