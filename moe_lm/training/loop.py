@@ -20,7 +20,7 @@ from moe_lm.config import TrainConfig
 from moe_lm.data import get_tokenizer, open_run_data
 from moe_lm.errors import CheckpointError, MoeLMError
 from moe_lm.model import Transformer
-from moe_lm.objectives import ExtraObjectives
+from moe_lm.training.objectives import ExtraObjectives
 from moe_lm.model.routers import Router
 from moe_lm.parallel import build_mesh, clip_grad_norm_, init_on_device, parallelize, validate_layout
 from moe_lm.parallel.precision import Precision
