@@ -43,7 +43,8 @@ class Routing:
 class Router(nn.Module):
     """Linear gate + score function + selection.
 
-    softmax: softmax over experts, top-k, the k weights renormalised to sum to 1.
+    softmax: softmax over experts, top-k, the k weights renormalised to sum to 1 (with
+        `norm_topk_prob=False`: the k softmax scores as they are, as OLMoE and Qwen3-MoE do).
     sigmoid: per-expert sigmoid scores, top-k, the k weights normalised (DeepSeek-V3).
     expert_choice: softmax over experts; each expert takes the C tokens of the batch that score
         highest for it, C = ceil(capacity_factor * T * k / E); weights are the softmax scores.
@@ -55,6 +56,7 @@ class Router(nn.Module):
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
         self.score_fn, self.jitter = cfg.router, cfg.jitter
         self.capacity_factor = cfg.capacity_factor
+        self.norm_topk_prob = cfg.norm_topk_prob
         self.gate = nn.Linear(d_model, cfg.num_experts, bias=False)
         self.register_buffer("score_bias", torch.zeros(cfg.num_experts), persistent=True)
 
@@ -73,7 +75,9 @@ class Router(nn.Module):
         select_TE = scores_TE + self.score_bias  # bias moves selection, not the weights
         expert_idx_Tk = select_TE.topk(self.top_k, dim=-1).indices
         top_Tk = scores_TE.gather(-1, expert_idx_Tk)
-        weights_Tk = top_Tk / top_Tk.sum(-1, keepdim=True).clamp_min(1e-20)
+        weights_Tk = top_Tk
+        if self.norm_topk_prob:  # OLMoE / Qwen3-MoE keep the raw softmax scores (False)
+            weights_Tk = top_Tk / top_Tk.sum(-1, keepdim=True).clamp_min(1e-20)
         return Routing(expert_idx_Tk, weights_Tk, probs_TE, logits_TE)
 
     def _expert_choice(self, logits_TE: torch.Tensor) -> Routing:

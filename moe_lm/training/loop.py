@@ -11,7 +11,7 @@ import math
 import signal
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,6 +32,7 @@ from moe_lm.training.checkpoint import (
     check_identity,
     list_checkpoints,
     load_checkpoint,
+    model_identity,
     save_checkpoint,
 )
 from moe_lm.training.metrics import MetricsLogger, RoutingAccumulator, score_bias_metrics
@@ -136,9 +137,7 @@ class Trainer:
     @property
     def identity(self) -> dict[str, Any]:
         """What a checkpoint must match to be resumed by this run."""
-        return {"model": asdict(self.cfg.model), "num_experts": self.cfg.expert.num_experts,
-                "expert_hidden": self.cfg.expert.hidden_size,
-                "num_shared": self.cfg.expert.num_shared, "tokenizer": self.tokenizer.name}
+        return model_identity(self.cfg, self.tokenizer.name)
 
     def resume_if_possible(self) -> bool:
         """Loads the newest complete checkpoint of the run directory, if any."""
