@@ -183,7 +183,7 @@ def hf_config_dict(family: str, model: ModelConfig, expert: ExpertConfig, aux_co
         eos_token_id=eos_token_id, bos_token_id=bos_token_id)
     if family == "mixtral":
         inter = max(e.hidden_size, m.ffn_hidden if dense else 0)  # dense layers: E copies, padded
-        kw.update(intermediate_size=inter, num_local_experts=e.num_experts, head_dim=m.head_width,
+        kw.update(intermediate_size=inter, num_local_experts=e.num_experts, head_dim=m.head_dim or None,
                   sliding_window=None, router_jitter_noise=e.jitter)
     elif family == "qwen3_moe":
         kw.update(intermediate_size=m.ffn_hidden, moe_intermediate_size=e.hidden_size,

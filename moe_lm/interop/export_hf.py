@@ -1,0 +1,47 @@
+"""Hugging Face export: a moe_lm run or checkpoint -> a `transformers` model directory.
+
+Writes `config.json` + `model.safetensors` that `transformers.AutoModelForCausalLM` loads as
+Mixtral, Qwen3-MoE or OLMoE (hf_build picks the family) with the same logits in fp32. A Hugging
+Face tokenizer goes along (its files are copied); a tiktoken one is named in
+`moe_lm_tokenizer.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from moe_lm.data.tokenizer import HFTokenizer
+from moe_lm.inference import load_model
+from moe_lm.interop.hf_build import build_hf_model
+from moe_lm.interop.import_hf import TOKENIZER_FILES
+
+
+def export(path: str | Path, out_dir: str | Path) -> Path:
+    """Loads a checkpoint and writes the transformers model and its tokenizer to `out_dir`."""
+    loaded = load_model(path, device="cpu")
+    hf, _ = build_hf_model(loaded)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(out_dir)
+    tok = loaded.tokenizer
+    if isinstance(tok, HFTokenizer):
+        for name in TOKENIZER_FILES:
+            if (tok.files_dir / name).is_file() and name != "generation_config.json":
+                shutil.copy2(tok.files_dir / name, out_dir / name)
+        return out_dir
+    note = {"tokenizer": "tiktoken", "encoding": tok.name, "eot_id": tok.eot_id,
+            "usage": f"tiktoken.get_encoding({tok.name!r}).encode_ordinary(text)",
+            "source_checkpoint": str(loaded.ckpt.path)}
+    (out_dir / "moe_lm_tokenizer.json").write_text(json.dumps(note, indent=1))
+    return out_dir
+
+
+def describe(out_dir: Path) -> str:
+    """One line saying what was written."""
+    cfg = json.loads((out_dir / "config.json").read_text())
+    experts = cfg.get("num_local_experts", cfg.get("num_experts"))
+    return (f"wrote {out_dir} ({cfg['architectures'][0]}: {cfg['num_hidden_layers']} layers, "
+            f"{experts} experts, top-{cfg['num_experts_per_tok']}); load it with "
+            f"transformers.AutoModelForCausalLM.from_pretrained({str(out_dir)!r}).")
