@@ -20,6 +20,7 @@ from moe_lm.config import register_configs, to_train_config
 from moe_lm.errors import MoeLMError
 from moe_lm.launch import job_status, slurm
 from moe_lm.training import distributed as dist_utils
+from moe_lm.training.warm_start import warm_start_config
 
 register_configs()
 
@@ -76,7 +77,10 @@ def main(cfg: DictConfig) -> float | None:
     if first:
         job_status.start_job(run_dir, list(hc.overrides.task), hc.job.num if sweep else None)
     try:
-        train_cfg = to_train_config(cfg)
+        train_cfg = warm_start_config(to_train_config(cfg))  # init.from_checkpoint: its model
+        if train_cfg.init.from_checkpoint:  # record the model the run really trains
+            cfg = OmegaConf.merge(cfg, {k: OmegaConf.to_container(OmegaConf.structured(
+                getattr(train_cfg, k))) for k in ("model", "expert", "data")})
         if sweep and slurm.needs_torchrun(os.environ, hc.launcher.get("_target_")):
             return slurm.run_job_under_torchrun(str(run_dir), torchrun_args(cfg), os.environ,
                                                 hc.launcher.get("gpus_per_node"))

@@ -38,6 +38,7 @@ from moe_lm.training.checkpoint import (
 from moe_lm.training.metrics import MetricsLogger, RoutingAccumulator, score_bias_metrics
 from moe_lm.training.routing_monitor import RoutingMonitor, heatmap_path
 from moe_lm.training.optim import build_optimizer, build_scheduler
+from moe_lm.training.warm_start import load_model_weights, resolve_checkpoint, warm_start_config
 
 
 class TrainingError(MoeLMError):
@@ -115,6 +116,8 @@ class Trainer:
             self.model = Transformer(cfg.model, cfg.expert, cfg.loss)
         parallelize(self.model, self.mesh, cfg)
         init_on_device(self.model, self.device, cfg.trainer.seed)  # same values for any layout
+        if cfg.init.from_checkpoint and not list_checkpoints(self.run_dir, warn=False):
+            self.start_from(resolve_checkpoint(cfg.init.from_checkpoint)[0])
         if cfg.trainer.compile:
             compile_blocks(self.model, self.device)
         # distillation teacher / MTP modules (attached as model.mtp, so before the optimizer)
@@ -139,9 +142,21 @@ class Trainer:
         """What a checkpoint must match to be resumed by this run."""
         return model_identity(self.cfg, self.tokenizer.name)
 
+    def start_from(self, ckpt) -> None:
+        """Takes a checkpoint's model weights only (init.from_checkpoint, or a weights-only
+        checkpoint such as moe_lm.import_hf writes): optimizer, schedule and data start fresh."""
+        check_identity(ckpt, self.identity)
+        load_model_weights(ckpt, self.model)
+        if dist_utils.is_rank0():
+            print(f"starting from the weights of {ckpt.path} (fresh optimizer and schedule)",
+                  flush=True)
+
     def resume_if_possible(self) -> bool:
         """Loads the newest complete checkpoint of the run directory, if any."""
         for ckpt in list_checkpoints(self.run_dir):
+            if ckpt.meta.get("weights_only"):
+                self.start_from(ckpt)
+                return False
             check_identity(ckpt, self.identity)
             state = load_checkpoint(ckpt, self.model, self.optimizer)
             self.scheduler.load_state_dict(state["scheduler"])
@@ -367,6 +382,7 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     Under torchrun it first checks the layout against the world size, then joins the process
     group (and leaves it at the end, also after an error).
     """
+    cfg = warm_start_config(cfg)  # init.from_checkpoint: the checkpoint's model and tokenizer
     if cfg.trainer.dry_run:  # shapes only, on the meta device: nothing is allocated
         from moe_lm.planning.dry_run import run_dry_run
 
