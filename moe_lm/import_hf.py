@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = import_hf(args.hf_dir, args.out_dir, args.tokenizer)
     note = json.loads((out / "import.json").read_text())
-    print(f"imported {note['family']} ({note['bytes'] / 2**30:.2f} GiB of weights) into {out}")
+    print(f"imported {note['family']} ({note['bytes'] / 2**20:.1f} MiB of weights) into {out}")
     print(f"  python -m moe_lm.generate {out} --prompt 'Hello'")
     print(f"  python -m moe_lm.train init.from_checkpoint={out} data.path=YOUR_DATA")
     return 0
