@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from moe_lm.config import register_configs, to_train_config
 from moe_lm.errors import MoeLMError
+from moe_lm.training.warm_start import warm_start_config
 
 register_configs()
 
@@ -28,7 +29,7 @@ def main(cfg: DictConfig) -> None:
     from moe_lm.planning.counting import with_vocab
 
     try:
-        train_cfg = to_train_config(cfg)
+        train_cfg = warm_start_config(to_train_config(cfg))  # init.from_checkpoint: its model
         if train_cfg.model.vocab_size <= 0:
             train_cfg = with_vocab(train_cfg, get_tokenizer(train_cfg.data.tokenizer).n_vocab)
         plan = make_plan(train_cfg)
