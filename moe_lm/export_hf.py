@@ -1,8 +1,9 @@
 """Hugging Face export: `python -m moe_lm.export_hf <run dir or checkpoint> <out dir>`.
 
-The work is in moe_lm.interop (export_hf: the directory; hf_build: the family and the model;
-hf_weights: the weight layouts, e.g. the rotary row permutation and Mixtral's dense layers as E
-identical experts behind a zero router).
+Writes a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads as Mixtral,
+Qwen3-MoE or OLMoE with the same logits, in fp32; settings none of them can express (shared
+experts, sigmoid or expert-choice routers, a router score bias) are refused, naming the setting.
+What is rewritten and why: `moe_lm.interop.hf_build` and `moe_lm.interop.hf_weights`.
 """
 
 from __future__ import annotations
@@ -11,10 +12,7 @@ import argparse
 import sys
 
 from moe_lm.inference.cli import run_cli
-from moe_lm.interop.export_hf import describe, export
-from moe_lm.interop.hf_build import export_problems
-
-__all__ = ["export", "export_problems", "main"]
+from moe_lm.interop.hf_export import export, export_summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("path", help="a run directory or a checkpoints/step_NNNNNNN directory")
     p.add_argument("out_dir", help="where to write the transformers model")
     args = p.parse_args(argv)
-    print(describe(export(args.path, args.out_dir)))
+    print(export_summary(export(args.path, args.out_dir)))
     return 0
 
 

@@ -9,9 +9,9 @@ import pytest
 from moe_lm.data.tokenizer import HFTokenizer, get_tokenizer
 from moe_lm.errors import DataError
 from moe_lm.inference import load_model
-from tests.after_training.conftest import train_run
 from tests.conftest import TINY_OVERRIDES, read_metrics
 from tests.interop.conftest import save_tokenizer
+from tests.training.helpers import train_run
 
 TEXT = "The quick brown fox, naïve café — 42 <|endoftext|> </s> ok"
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from moe_lm.generate import generate_tokens
+from moe_lm.inference.generate import generate_tokens
 from moe_lm.inference import load_model
-from moe_lm.interop.export_hf import export
+from moe_lm.interop.hf_export import export
 from moe_lm.interop.import_hf import import_hf
 from tests.interop.conftest import VOCAB, hf_config, save_hf_model, transformers
 

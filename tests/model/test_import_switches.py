@@ -7,7 +7,7 @@ import torch
 
 from moe_lm.config import ExpertConfig, LossConfig, ModelConfig
 from moe_lm.model import Transformer, count_params
-from moe_lm.model.router import Router
+from moe_lm.model.routers import SoftmaxTopK
 
 
 @pytest.mark.parametrize("switches", [
@@ -37,8 +37,8 @@ def test_per_head_qk_norm_normalises_each_head_and_proj_the_whole_projection():
 
 def test_raw_topk_weights_are_the_softmax_scores_without_renormalising():
     x = torch.randn(10, 16)
-    norm = Router(16, ExpertConfig(num_experts=6, top_k=2))
-    raw = Router(16, ExpertConfig(num_experts=6, top_k=2, norm_topk_prob=False))
+    norm = SoftmaxTopK(16, ExpertConfig(num_experts=6, top_k=2), LossConfig())
+    raw = SoftmaxTopK(16, ExpertConfig(num_experts=6, top_k=2, norm_topk_prob=False), LossConfig())
     raw.load_state_dict(norm.state_dict())
     a, b = norm(x), raw(x)
     assert torch.equal(a.expert_idx_Tk, b.expert_idx_Tk)

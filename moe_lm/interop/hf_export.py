@@ -14,7 +14,7 @@ from pathlib import Path
 
 from moe_lm.data.tokenizer import HFTokenizer
 from moe_lm.inference import load_model
-from moe_lm.interop.hf_build import build_hf_model
+from moe_lm.interop.hf_build import build_hf_model, export_problems
 from moe_lm.interop.import_hf import TOKENIZER_FILES
 
 
@@ -38,7 +38,10 @@ def export(path: str | Path, out_dir: str | Path) -> Path:
     return out_dir
 
 
-def describe(out_dir: Path) -> str:
+__all__ = ["export", "export_problems", "export_summary"]
+
+
+def export_summary(out_dir: Path) -> str:
     """One line saying what was written."""
     cfg = json.loads((out_dir / "config.json").read_text())
     experts = cfg.get("num_local_experts", cfg.get("num_experts"))
