@@ -164,6 +164,7 @@ class HFTokenizer:
         return [self.prefix_ids + e.ids for e in out]
 
     def decode(self, ids: Iterable[int]) -> str:
+        """Text of token ids, special tokens included as their text."""
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def token_bytes(self, token_id: int) -> bytes:
@@ -181,6 +182,7 @@ class HFTokenizer:
 
     @property
     def special_ids(self) -> set[int]:
+        """Ids of the tokenizer's special added tokens (they stand for no text)."""
         return {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
 
     def __repr__(self) -> str:

@@ -79,15 +79,18 @@ class SafetensorsDir:
                                   f"{_data_end(file)}). Download it again.")
 
     def names(self) -> list[str]:
+        """Every tensor name of every shard, sorted."""
         return sorted(self._where)
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
     def shape(self, name: str) -> tuple[int, ...]:
+        """The stored shape of `name` (from the header; no data read)."""
         return self._shape[name]
 
     def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype of `name` (from the header; no data read)."""
         return self._dtype[name]
 
     def read(self, name: str) -> torch.Tensor:
