@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .config import AUTOTUNE, INTERPRET, check_device, dot_precision, interpreter_block
-from .schedule import choose_tiles, expert_order, num_programs, row_tiles
+from .schedule import choose_tiles, expert_order, num_programs, row_tiles, tma_ready
 
 
 def _mm_configs() -> list[triton.Config]:
@@ -60,15 +60,32 @@ def _grouped_mm_kernel(
     x_ptr, w_ptr, y_ptr, tiles_ptr, count_ptr,
     K, N, E,
     stride_xt, stride_xk, stride_we, stride_wk, stride_wn, stride_yt, stride_yn,
-    NUM_SMS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    T, NUM_SMS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    TMA: tl.constexpr, W_NK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """y[rows of group e] = x[rows of group e] @ w[e]: persistent over (row tile, column tile)
-    pairs of the flat row-tile table; group E (the tail) stores zeros."""
+    pairs of the flat row-tile table; group E (the tail) stores zeros.
+
+    TMA: x and w are read through tensor descriptors built once per program: one 2D over all
+    rows of x, one 3D over w ((E, K, N), or its (E, N, K) memory when W_NK, as for dX). Their
+    out-of-bounds zero fill replaces the K mask; rows of the next group that a ragged tile reads
+    are dropped by the masked store (the epilogue is the only mask)."""
     pid = tl.program_id(0)
     num_n = (N + BLOCK_N - 1) // BLOCK_N  # plain arithmetic: nested jit calls are slow to interpret
     num_work = tl.load(count_ptr) * num_n
     ks = tl.arange(0, BLOCK_K)
+    if TMA:
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[T, K], strides=[stride_xt, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+        if W_NK:
+            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[E, N, K],
+                                               strides=[stride_we, stride_wn, 1],
+                                               block_shape=[1, BLOCK_N, BLOCK_K])
+        else:
+            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[E, K, N],
+                                               strides=[stride_we, stride_wk, 1],
+                                               block_shape=[1, BLOCK_K, BLOCK_N])
     for work in tl.range(pid, num_work, NUM_SMS):
         tile_m = work // num_n  # column tiles of one row tile run back to back: x stays in L2
         pid_n = work % num_n
@@ -87,9 +104,18 @@ def _grouped_mm_kernel(
                   + cols.to(tl.int64)[None, :] * stride_wn)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kt in range(0, k_tiles):
-            k_ok = (kt * BLOCK_K + ks) < K
-            a = tl.load(x_ptrs, mask=mask_m[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(w_ptrs, mask=k_ok[:, None] & mask_n[None, :], other=0.0)
+            if TMA:
+                a = x_desc.load([row_start, kt * BLOCK_K])
+                if W_NK:
+                    b = tl.trans(w_desc.load([group, pid_n * BLOCK_N, kt * BLOCK_K])
+                                 .reshape(BLOCK_N, BLOCK_K))
+                else:
+                    b = w_desc.load([group, kt * BLOCK_K, pid_n * BLOCK_N]).reshape(BLOCK_K,
+                                                                                     BLOCK_N)
+            else:
+                k_ok = (kt * BLOCK_K + ks) < K
+                a = tl.load(x_ptrs, mask=mask_m[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(w_ptrs, mask=k_ok[:, None] & mask_n[None, :], other=0.0)
             if UPCAST:  # the interpreter's bf16/fp16 tl.dot is wrong (triton 3.x); fp32 is exact
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
@@ -182,12 +208,13 @@ def grouped_mm(x_TK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor,
     block_m, blocks = _blocks(T, E, K, N, x_TK.dtype)
     tiles, count = row_tiles(offs_E, T, block_m)
     num_sms = num_programs(x_TK.device, INTERPRET)
+    tma = tma_ready(x_TK) and (tma_ready(w_EKN) or tma_ready(w_EKN.transpose(1, 2)))
     _grouped_mm_kernel[(num_sms,)](
         x_TK, w_EKN, y_TN, tiles, count, K, N, E,
         x_TK.stride(0), x_TK.stride(1), w_EKN.stride(0), w_EKN.stride(1), w_EKN.stride(2),
-        y_TN.stride(0), y_TN.stride(1),
+        y_TN.stride(0), y_TN.stride(1), T,
         NUM_SMS=num_sms, PRECISION=dot_precision(x_TK.dtype), UPCAST=INTERPRET,
-        BLOCK_M=block_m, **blocks,
+        TMA=tma, W_NK=tma and not tma_ready(w_EKN), BLOCK_M=block_m, **blocks,
     )
     return y_TN
 

@@ -132,6 +132,34 @@ def expert_order(offs_E: torch.Tensor, T: int) -> torch.Tensor:
     return torch.sort(sizes, descending=True, stable=True).indices.to(torch.int32)
 
 
+def tma_ready(t: torch.Tensor) -> bool:
+    """Whether a tensor descriptor can cover `t` (TMA's rules): unit stride in the last dim,
+    16-byte aligned base and other strides. Else the kernels load through masked pointers."""
+    if not _descriptors_available(t.device):
+        return False
+    size = t.element_size()
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all((st * size) % 16 == 0 for st in t.stride()[:-1]))
+
+
+_ALLOCATOR_SET = False
+
+
+def _descriptors_available(device: torch.device) -> bool:
+    """Device-built descriptors need a global scratch allocator on the GPU (set once here) and
+    sm90 or newer; the interpreter emulates them anywhere."""
+    global _ALLOCATOR_SET
+    if device.type != "cuda":
+        return True  # CPU tensors only run under the interpreter
+    if torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    if not _ALLOCATOR_SET:
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8,
+                                                                     device=device))
+        _ALLOCATOR_SET = True
+    return True
+
+
 def num_programs(device: torch.device, interpret: bool) -> int:
     """Persistent programs: one per SM on a GPU; a few under the interpreter, so that each
     program walks several tiles (the loop is what the tests exercise)."""
