@@ -133,11 +133,14 @@ def _grouped_mm_dw_kernel(
     x_ptr, dy_ptr, dw_ptr, offs_ptr, experts_ptr,
     T, K, N, E,
     stride_xt, stride_xk, stride_dyt, stride_dyn, stride_we, stride_wk, stride_wn,
-    NUM_SMS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    NUM_SMS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dw[e] = x_e^T @ dy_e, a reduction over expert e's rows: persistent over the flat
-    (expert, output tile) table, most loaded experts first; empty experts store zeros."""
+    (expert, output tile) table, most loaded experts first; empty experts store zeros.
+
+    TMA: both operands are read row-major through descriptors over expert e's rows only, so
+    the zero fill past the expert's end replaces the ragged-tail mask of every step."""
     pid = tl.program_id(0)
     num_n = (N + BLOCK_N - 1) // BLOCK_N
     per_expert = ((K + BLOCK_K - 1) // BLOCK_K) * num_n
@@ -159,10 +162,22 @@ def _grouped_mm_dw_kernel(
         xt_ptrs = x_ptr + ks[:, None] * stride_xk + rows0[None, :] * stride_xt  # (BK, BM)
         dy_ptrs = dy_ptr + rows0[:, None] * stride_dyt + cols[None, :] * stride_dyn  # (BM, BN)
         acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        if TMA:  # at least one row: a TMA box may not be empty (no load reads it then)
+            n_rows = tl.maximum(row_end - row_start, 1)
+            x_desc = tl.make_tensor_descriptor(x_ptr + row_start.to(tl.int64) * stride_xt,
+                                               shape=[n_rows, K], strides=[stride_xt, 1],
+                                               block_shape=[BLOCK_M, BLOCK_K])
+            dy_desc = tl.make_tensor_descriptor(dy_ptr + row_start.to(tl.int64) * stride_dyt,
+                                                shape=[n_rows, N], strides=[stride_dyt, 1],
+                                                block_shape=[BLOCK_M, BLOCK_N])
         for mt in range(0, m_tiles):
-            m_ok = (row_start + mt * BLOCK_M + ms) < row_end
-            a = tl.load(xt_ptrs, mask=mask_k[:, None] & m_ok[None, :], other=0.0)
-            b = tl.load(dy_ptrs, mask=m_ok[:, None] & mask_n[None, :], other=0.0)
+            if TMA:
+                a = tl.trans(x_desc.load([mt * BLOCK_M, pid_k * BLOCK_K]))
+                b = dy_desc.load([mt * BLOCK_M, pid_n * BLOCK_N])
+            else:
+                m_ok = (row_start + mt * BLOCK_M + ms) < row_end
+                a = tl.load(xt_ptrs, mask=mask_k[:, None] & m_ok[None, :], other=0.0)
+                b = tl.load(dy_ptrs, mask=m_ok[:, None] & mask_n[None, :], other=0.0)
             if UPCAST:  # the interpreter's bf16/fp16 tl.dot is wrong (triton 3.x); fp32 is exact
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
@@ -247,6 +262,6 @@ def grouped_mm_dw(x_TK: torch.Tensor, dy_TN: torch.Tensor, offs_E: torch.Tensor,
         x_TK.stride(0), x_TK.stride(1), dy_TN.stride(0), dy_TN.stride(1),
         dw_EKN.stride(0), dw_EKN.stride(1), dw_EKN.stride(2),
         NUM_SMS=num_sms, PRECISION=dot_precision(x_TK.dtype), UPCAST=INTERPRET,
-        BLOCK_M=block_m, **blocks,
+        TMA=tma_ready(x_TK) and tma_ready(dy_TN), BLOCK_M=block_m, **blocks,
     )
     return dw_EKN
