@@ -93,3 +93,11 @@ def test_fp32_operands_halve_block_k_and_narrow_widths_shrink_blocks():
     narrow = schedule.choose_tiles(1 << 15, 8, 20, 40, torch.bfloat16)
     assert (narrow.block_n, narrow.block_k) == (64, 32)  # next powers of two of N and K
     assert schedule.choose_tiles(1 << 15, 8, 3, 5, torch.bfloat16).block_k == 16  # tl.dot minimum
+
+
+def test_tma_ready_follows_the_descriptor_rules():
+    x = torch.randn(10, 36)  # 144-byte rows
+    assert schedule.tma_ready(x)
+    assert not schedule.tma_ready(torch.randn(10, 45))  # 180-byte rows: not 16-byte aligned
+    assert not schedule.tma_ready(x.t())  # no unit stride in the last dim
+    assert not schedule.tma_ready(x.reshape(-1)[1:].reshape(7, 51)[:, :36])  # base off by 4 bytes
