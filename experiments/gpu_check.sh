@@ -51,7 +51,7 @@ cat "$REPORT"
 
 MODEL="--layers 12 --d-model 1536 --heads 12 --kv-heads 4 --experts 8 --top-k 2 --hidden 2048 \
     --seq-len 2048 --batch 8"  # about 1.1B parameters, 0.46B active per token
-for name in ${STAGES:-tests gemm layer layer_fine kernels compile compile_triton}; do
+for name in ${STAGES:-tests gemm layer layer_fine kernels train profile compile compile_triton}; do
     case $name in
     tests)  # correctness first: the CUDA tests, 8 processes (each compiles its kernels)
         MOE_LM_KERNEL_AUTOTUNE=0 TAIL=25 stage gpu_tests "${T_TESTS:-150}" python3 -m pytest -q \
