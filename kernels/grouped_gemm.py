@@ -223,7 +223,7 @@ def grouped_mm(x_TK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor,
     block_m, blocks = _blocks(T, E, K, N, x_TK.dtype)
     tiles, count = row_tiles(offs_E, T, block_m)
     num_sms = num_programs(x_TK.device, INTERPRET)
-    tma = tma_ready(x_TK) and (tma_ready(w_EKN) or tma_ready(w_EKN.transpose(1, 2)))
+    tma = K > 0 and tma_ready(x_TK) and (tma_ready(w_EKN) or tma_ready(w_EKN.transpose(1, 2)))
     _grouped_mm_kernel[(num_sms,)](
         x_TK, w_EKN, y_TN, tiles, count, K, N, E,
         x_TK.stride(0), x_TK.stride(1), w_EKN.stride(0), w_EKN.stride(1), w_EKN.stride(2),
@@ -262,6 +262,6 @@ def grouped_mm_dw(x_TK: torch.Tensor, dy_TN: torch.Tensor, offs_E: torch.Tensor,
         x_TK.stride(0), x_TK.stride(1), dy_TN.stride(0), dy_TN.stride(1),
         dw_EKN.stride(0), dw_EKN.stride(1), dw_EKN.stride(2),
         NUM_SMS=num_sms, PRECISION=dot_precision(x_TK.dtype), UPCAST=INTERPRET,
-        TMA=tma_ready(x_TK) and tma_ready(dy_TN), BLOCK_M=block_m, **blocks,
+        TMA=T > 0 and tma_ready(x_TK) and tma_ready(dy_TN), BLOCK_M=block_m, **blocks,
     )
     return dw_EKN
