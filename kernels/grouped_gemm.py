@@ -54,7 +54,7 @@ def _blocks(M: int, E: int, K: int, N: int, dtype: torch.dtype) -> tuple[int, di
                          "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
 
-@_tuned(key=["N", "K", "BLOCK_M", "PRECISION"])
+@_tuned(key=["N", "K", "BLOCK_M", "PRECISION", "TMA", "W_NK"])
 @triton.jit
 def _grouped_mm_kernel(
     x_ptr, w_ptr, y_ptr, tiles_ptr, count_ptr,
@@ -127,7 +127,7 @@ def _grouped_mm_kernel(
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@_tuned(key=["K", "N", "BLOCK_M", "PRECISION"])
+@_tuned(key=["K", "N", "BLOCK_M", "PRECISION", "TMA"])
 @triton.jit
 def _grouped_mm_dw_kernel(
     x_ptr, dy_ptr, dw_ptr, offs_ptr, experts_ptr,
