@@ -9,7 +9,8 @@
 #   STAGES="compile compile_triton before_after" BEFORE=<rev> bash experiments/gpu_check.sh /tmp/out
 # `gemm` times forward, dX and dW one by one against torch._grouped_mm and reports whether the
 # compiled kernels use TMA; `before_after` runs it on BEFORE (default: the merge base with main
-# before issue 22) and on this tree alternately (needs the tree's .git; skipped without it).
+# before issue 22) and on this tree alternately (needs the tree's .git), or on BEFORE_TREE, an
+# exported old tree carried along (`git archive 875c49c | tar -x -C .before`; carry .before).
 #
 # Runs against the machine's own python3/torch/triton/transformers. Packages missing there can be
 # carried as wheels in .whl/ (installed into /tmp/site). Each stage has its own time limit so that
@@ -17,6 +18,8 @@
 set -u
 OUT_DIR=${1:-experiments/results/gpu_run}
 mkdir -p "$OUT_DIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)  # absolute: some stages run in another tree
+ROOT=$PWD
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 export MOE_LM_KERNEL_AUTOTUNE=${MOE_LM_KERNEL_AUTOTUNE:-1}
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -81,7 +84,14 @@ for name in ${STAGES:-tests gemm layer layer_fine kernels train profile compile 
             --device cuda $MODEL --compile --backends triton --hf-impls "" --steps 5 --warmup 2 \
             --markdown "$REPORT" ;;
     before_after)  # old kernels and new in the same session
-        if git rev-parse --git-dir >/dev/null 2>&1; then
+        if [ -n "${BEFORE_TREE:-}" ]; then  # an exported old tree (git archive REV | tar -x -C DIR)
+            [ -e "$BEFORE_TREE/moe_lm/kernels" ] || ln -s ../kernels "$BEFORE_TREE/moe_lm/kernels"
+            for tree in "$BEFORE_TREE" "$PWD"; do
+                (cd "$tree" && PYTHONPATH=$tree TAIL=20 stage "before_after_$(basename "$tree")" \
+                    "${T_BEFORE:-120}" python3 "$ROOT/experiments/bench_grouped_gemm.py" \
+                    --shapes mixtral fine layer --out "$REPORT")
+            done
+        elif git rev-parse --git-dir >/dev/null 2>&1; then
             PYTHON=python3 TAIL=40 stage before_after "${T_BEFORE:-240}" \
                 bash experiments/compare_commits.sh \
                 "${BEFORE:-875c49c}" 1 "$PWD/experiments/bench_grouped_gemm.py" \
