@@ -7,7 +7,6 @@ run directory's `.hydra/` (never over a resumed run's), and hands over to the tr
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -17,9 +16,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from moe_lm.config import register_configs, to_train_config
-from moe_lm.errors import MoeLMError
+from moe_lm.errors import MoeLMError, RunLockedError
 from moe_lm.launch import job_status, slurm
 from moe_lm.training import distributed as dist_utils
+from moe_lm.training.run_lock import hold_run_lock
 
 register_configs()
 
@@ -65,31 +65,27 @@ def main(cfg: DictConfig) -> float | None:
     Every run records how it ended in `<run>/status.json`. In a sweep (`-m`) a failing job raises
     after recording its error, so Hydra still runs the sweep's other jobs, then exits non-zero.
     """
-    from moe_lm.training.loop import run_training  # after Hydra has parsed the command line
-
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     sweep = hc.mode == RunMode.MULTIRUN
     first = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
     if sweep:
         name_sweep_job(cfg)
-    if first:
-        job_status.start_job(run_dir, list(hc.overrides.task), hc.job.num if sweep else None)
     try:
-        train_cfg = to_train_config(cfg)
         if sweep and slurm.needs_torchrun(os.environ, hc.launcher.get("_target_")):
+            if first:  # (the torchrun workers' rank 0 takes the run lock)
+                job_status.start_job(run_dir, list(hc.overrides.task), hc.job.num)
+            to_train_config(cfg)
             return slurm.run_job_under_torchrun(str(run_dir), torchrun_args(cfg), os.environ,
                                                 hc.launcher.get("gpus_per_node"))
-        if not train_cfg.trainer.dry_run:  # refuse what this hardware cannot hold, unallocated
-            from moe_lm.planning.guard import Hardware, check_launch
-
-            check_launch(train_cfg, list(hc.overrides.task),
-                         Hardware.detect(train_cfg.trainer.device))
-        write_run_config(run_dir, cfg)
-        result = run_training(train_cfg, run_dir)
-    except Exception as err:
-        if first:
-            job_status.fail_job(run_dir, err)
+        with hold_run_lock(run_dir, enabled=first):  # refuses a second run in this directory
+            if first:
+                job_status.start_job(run_dir, list(hc.overrides.task), hc.job.num if sweep else None)
+            train_cfg = to_train_config(cfg)
+            result = _train(train_cfg, run_dir, cfg, list(hc.overrides.task))
+    except BaseException as err:  # torch's CheckpointException is a BaseException
+        if first and not isinstance(err, (RunLockedError, SystemExit)):
+            job_status.fail_job(run_dir, err)  # (a refused second run leaves the holder's file)
         if not isinstance(err, MoeLMError):
             raise
         print(f"moe_lm: error: {err}", file=sys.stderr, flush=True)
@@ -100,12 +96,25 @@ def main(cfg: DictConfig) -> float | None:
     stopped = int(result.get("step", 0)) < (t.stop_at or t.max_steps)
     if first:
         job_status.finish_job(run_dir, result, t.stop_at or t.max_steps)
-    if sweep and stopped:  # SIGTERM ends the whole sweep, not just this job
-        print(f"moe_lm: SIGTERM: the sweep stops at job {hc.job.num}; run the same command with "
-              f"hydra.sweep.dir={hc.sweep.dir} to resume its jobs.", file=sys.stderr, flush=True)
-        sys.exit(128 + signal.SIGTERM)
+    if stopped:  # SIGTERM: checkpointed and resumable; a distinct exit code for schedulers
+        if sweep:
+            print(f"moe_lm: SIGTERM: the sweep stops at job {hc.job.num}; run the same command "
+                  f"with hydra.sweep.dir={hc.sweep.dir} to resume its jobs.", file=sys.stderr,
+                  flush=True)
+        sys.exit(job_status.EXIT_STOPPED)
     return result.get("val_loss")
 
+
+def _train(train_cfg, run_dir: Path, cfg: DictConfig, overrides: list[str]) -> dict:
+    """The guard against what this hardware cannot hold, then the run (config recorded once the
+    resume is decided)."""
+    if not train_cfg.trainer.dry_run:  # refuse what this hardware cannot hold, unallocated
+        from moe_lm.planning.guard import Hardware, check_launch
+
+        check_launch(train_cfg, overrides, Hardware.detect(train_cfg.trainer.device))
+    from moe_lm.training.loop import run_training  # after Hydra has parsed the command line
+
+    return run_training(train_cfg, run_dir, on_start=lambda: write_run_config(run_dir, cfg))
 
 if __name__ == "__main__":
     try:
