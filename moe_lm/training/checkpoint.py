@@ -233,14 +233,16 @@ def inspect_checkpoints(run_dir: Path) -> list[Inspection]:
     if not root.is_dir():
         return []
     dirs = [p for p in root.iterdir() if STEP_NAME.fullmatch(p.name)]
-    out = []
-    for path in sorted(dirs, key=lambda p: int(STEP_NAME.fullmatch(p.name).group(1)), reverse=True):
-        meta, problem = _read_meta(path)
-        if problem is None:
-            problem = _files_problem(path, meta["files"])
-        out.append(Inspection(path, problem,
-                              None if problem else Checkpoint(path, int(meta["step"]), meta)))
-    return out
+    return [inspect_one(path) for path in
+            sorted(dirs, key=lambda p: int(STEP_NAME.fullmatch(p.name).group(1)), reverse=True)]
+
+
+def inspect_one(path: Path) -> Inspection:
+    """The cheap checks of one checkpoint directory: meta.json's shape, every file's size."""
+    meta, problem = _read_meta(path)
+    if problem is None:
+        problem = _files_problem(path, meta["files"])
+    return Inspection(path, problem, None if problem else Checkpoint(path, int(meta["step"]), meta))
 
 
 def list_checkpoints(run_dir: Path, warn: bool = True) -> list[Checkpoint]:
