@@ -44,6 +44,7 @@ STEP_NAME = re.compile(r"step_(\d+)")
 TMP_PREFIX = ".tmp_"
 PRUNING_PREFIX = ".pruning_"
 SUPERSEDED_PREFIX = "superseded_"
+FULL_DISK_BYTES = 16 * 2**20  # less free space than this when a save fails: the disk is full
 
 
 @dataclass
@@ -101,8 +102,9 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
             fsync_dir(root)
             _prune(root, keep_last)
     except (Exception, CheckpointException) as err:
+        free = _free_bytes(root)  # before the cleanup frees space again
         shutil.rmtree(tmp, ignore_errors=True)
-        raise save_error(err, final) from err
+        raise save_error(err, final, free) from err
     dist_utils.barrier()
     return final
 
@@ -142,18 +144,30 @@ def describe(err: BaseException) -> str:
     return "; ".join(dict.fromkeys(f"{type(c).__name__}: {c}" for c in causes)) or repr(err)
 
 
-def save_error(err: BaseException, final: Path) -> CheckpointError:
-    """The error a failed save raises: a full disk says how much to free."""
+def _free_bytes(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return -1
+
+
+def save_error(err: BaseException, final: Path, free: int) -> CheckpointError:
+    """The error a failed save raises: a full disk says so, and how much to free.
+
+    A full disk is an ENOSPC / EDQUOT among the causes, or (torch.save's zip writer reports a
+    failed write as "unexpected pos", without the errno) under FULL_DISK_BYTES left when it
+    failed."""
     if isinstance(err, CheckpointError):
         return err
-    if any(isinstance(c, OSError) and c.errno in (errno.ENOSPC, errno.EDQUOT)
-           for c in root_causes(err)):
-        free = shutil.disk_usage(final.parent).free if final.parent.exists() else 0
+    if 0 <= free < FULL_DISK_BYTES or any(
+            isinstance(c, OSError) and c.errno in (errno.ENOSPC, errno.EDQUOT)
+            for c in root_causes(err)):
         need = max((sum(_entry_size(e) for e in c.meta["files"].values())
                     for c in list_checkpoints(final.parent.parent, warn=False)), default=0)
         return DiskFullError(
             f"No space left on device while saving checkpoint {final.name} in {final.parent} "
-            f"({free / 2**30:.2f} GiB free now; one checkpoint takes {need / 2**30:.2f} GiB). The "
+            f"({max(free, 0) / 2**30:.2f} GiB were free at the failure; one checkpoint takes "
+            f"{need / 2**30:.2f} GiB; {describe(err)}). The "
             "partial save was removed and the earlier checkpoints are intact. Free at least that "
             "much on that filesystem (or lower trainer.keep_last), then run the same command "
             "again to resume.")
