@@ -1,0 +1,70 @@
+"""Settings that would train wrongly without a word are refused; SIGTERM's status and exit code."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+from hydra import compose, initialize_config_module
+
+from moe_lm.config import to_train_config
+from moe_lm.errors import ConfigError
+from moe_lm.launch.job_status import EXIT_STOPPED
+from tests.conftest import read_metrics, train_losses
+from tests.training.helpers import train_cli, train_in_process
+
+
+def _cfg(overrides):
+    with initialize_config_module(config_module="moe_lm.conf", version_base="1.3"):
+        return to_train_config(compose(config_name="config", overrides=overrides))
+
+
+@pytest.mark.parametrize("override, says", [
+    ("optim.grad_clip=-1", "optim.grad_clip=-1.0 must be > 0"),
+    ("optim.grad_clip=0", "optim.grad_clip=null to turn clipping off"),
+    ("optim.lr=-1", "optim.lr=-1.0 must be a positive number"),
+    ("optim.lr=0", "optim.lr=0.0 must be a positive number"),
+    ("optim.warmup_steps=-5", "optim.warmup_steps=-5 must be >= 0"),
+    ("model.d_model=0", "model.d_model=0: model sizes must be >= 1"),
+    ("expert.hidden_size=0", "expert.hidden_size=0: model sizes must be >= 1"),
+    ("trainer.resume=sometimes", "trainer.resume='sometimes'"),
+])
+def test_setting_that_would_train_wrongly_is_refused(override, says):
+    with pytest.raises(ConfigError, match=None) as info:
+        _cfg([override])
+    assert says in str(info.value)
+
+
+def test_cli_zero_model_size_is_one_paragraph_not_a_traceback(tmp_path, tiny_overrides):
+    proc = train_cli(tmp_path / "run", [*tiny_overrides, "model.d_model=0"])
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "moe_lm: error: model.d_model=0" in out
+    assert "Traceback" not in out
+
+
+def test_grad_clip_null_trains_like_a_clip_that_never_binds(tmp_path, tiny_overrides):
+    steps = [*tiny_overrides, "trainer.max_steps=3", "trainer.eval_every=100"]
+    train_in_process(tmp_path / "null", [*steps, "optim.grad_clip=null"])
+    train_in_process(tmp_path / "huge", [*steps, "optim.grad_clip=1e30"])
+    assert train_losses(tmp_path / "null") == train_losses(tmp_path / "huge")
+
+
+def test_sigterm_exits_143_and_status_records_the_checkpointed_step(tmp_path, tiny_overrides):
+    run = tmp_path / "run"
+    proc = train_cli(run, [*tiny_overrides, "trainer.max_steps=200", "trainer.ckpt_every=100",
+                           "trainer.eval_every=100"])
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").is_file() and len(train_losses(run)) >= 3:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.2)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == EXIT_STOPPED == 143, out
+    stopped_at = max(r["step"] for r in read_metrics(run))
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "stopped" and status["step"] == stopped_at >= 3
+    assert status["val_step"] == 0  # the val_loss recorded is the step-0 eval's, and says so
+    assert (run / "checkpoints" / f"step_{stopped_at:07d}").is_dir()
