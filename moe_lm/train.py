@@ -19,7 +19,7 @@ from moe_lm.config import register_configs, to_train_config
 from moe_lm.errors import MoeLMError, RunLockedError
 from moe_lm.launch import job_status, slurm
 from moe_lm.training import distributed as dist_utils
-from moe_lm.training.run_lock import hold_run_lock
+from moe_lm.training.run_lock import check_run_dir_arg, hold_run_lock
 
 register_configs()
 
@@ -119,6 +119,7 @@ def _train(train_cfg, run_dir: Path, cfg: DictConfig, overrides: list[str]) -> d
 if __name__ == "__main__":
     try:
         slurm.check_launcher_plugin(sys.argv[1:])
+        check_run_dir_arg(sys.argv[1:])
     except MoeLMError as err:
         print(f"moe_lm: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)

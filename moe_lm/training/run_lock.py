@@ -64,6 +64,26 @@ class RunLock:
             self._fd = None
 
 
+def check_run_dir_arg(argv: list[str]) -> None:
+    """Refuses a `hydra.run.dir=...` that cannot be a run directory (a file, or under a file or
+    an unwritable directory) before Hydra tries to create it (which fails with a traceback)."""
+    given = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("hydra.run.dir=")]
+    if not given or "${" in given[-1]:
+        return
+    path = Path(given[-1]).expanduser()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        what = "is a file" if existing == path else f"is under {existing}, which is a file"
+    elif existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
+        what = f"cannot be written ({existing} is read-only for this user)"
+    else:
+        return
+    raise ConfigError(f"hydra.run.dir={given[-1]} {what}: a run directory must be a writable "
+                      "directory. Choose another path.")
+
+
 def _describe_holder(path: Path) -> str:
     try:
         info = json.loads(path.read_text())

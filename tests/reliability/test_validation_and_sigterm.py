@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 
@@ -12,6 +13,7 @@ from hydra import compose, initialize_config_module
 from moe_lm.config import to_train_config
 from moe_lm.errors import ConfigError
 from moe_lm.launch.job_status import EXIT_STOPPED
+from moe_lm.training.run_lock import check_run_dir_arg
 from tests.conftest import read_metrics, train_losses
 from tests.training.helpers import train_cli, train_in_process
 
@@ -32,7 +34,7 @@ def _cfg(overrides):
     ("trainer.resume=sometimes", "trainer.resume='sometimes'"),
 ])
 def test_setting_that_would_train_wrongly_is_refused(override, says):
-    with pytest.raises(ConfigError, match=None) as info:
+    with pytest.raises(ConfigError) as info:
         _cfg([override])
     assert says in str(info.value)
 
@@ -68,3 +70,25 @@ def test_sigterm_exits_143_and_status_records_the_checkpointed_step(tmp_path, ti
     assert status["status"] == "stopped" and status["step"] == stopped_at >= 3
     assert status["val_step"] == 0  # the val_loss recorded is the step-0 eval's, and says so
     assert (run / "checkpoints" / f"step_{stopped_at:07d}").is_dir()
+
+
+def test_run_dir_that_is_a_file_is_one_paragraph_not_a_hydra_traceback(tmp_path, tiny_overrides):
+    (tmp_path / "afile").write_text("not a directory")
+    for run in (tmp_path / "afile", tmp_path / "afile" / "run"):
+        proc = train_cli(run, [*tiny_overrides, "trainer.max_steps=1"])
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and "moe_lm: error: hydra.run.dir=" in out, out
+        assert "a run directory must be a writable directory" in out and "Traceback" not in out
+
+
+def test_read_only_run_dir_is_refused(tmp_path):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o555)
+    try:
+        if os.access(parent, os.W_OK):
+            pytest.skip("this user (root) may write into read-only directories")
+        with pytest.raises(ConfigError, match="read-only"):
+            check_run_dir_arg([f"hydra.run.dir={parent / 'run'}"])
+    finally:
+        parent.chmod(0o755)
