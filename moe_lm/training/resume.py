@@ -10,7 +10,8 @@ problem, so recoverable weights are never trained over. `must` also refuses an e
 Changed keys: the checkpoint records the config it was trained with. On resume each key that
 differs is applied (`APPLIED`: the optimizer's hyperparameters, the schedule's length, loss weights,
 precision, layout and backend: they take effect from the next step and are printed), has no effect
-on the trajectory (`NO_EFFECT`: logging, eval and checkpoint cadence) or is refused (everything else:
+on the trajectory (`NO_EFFECT`: logging, eval and checkpoint cadence; `data.batch_size` is per
+rank, and the loop checks the global batch, batch size x ranks, itself) or is refused (everything else:
 the data layout `data.seq_len`, `data.path`, `trainer.seed`, routing `expert.top_k`, ...), unless
 named in `trainer.resume_allow_changes=[key,...]`.
 """
@@ -44,7 +45,9 @@ APPLIED = ("optim.", "trainer.max_steps", "trainer.grad_accum", "trainer.precisi
 NO_EFFECT = ("trainer.log_every", "trainer.eval_every", "trainer.eval_batches",
              "trainer.ckpt_every", "trainer.keep_last", "trainer.monitor.", "trainer.dry_run",
              "trainer.collective_timeout_s", "trainer.stop_at", "trainer.resume",
-             "trainer.resume_allow_changes", "data.cache_dir", "logger.", "plan.")
+             "trainer.resume_allow_changes", "data.cache_dir", "logger.", "plan.",
+             "data.batch_size")  # per rank: the global batch is what the resume checks
+
 SUPERSEDED = "superseded_"
 OPTIM_HPARAMS = ("weight_decay", "betas", "eps", "initial_lr")
 
