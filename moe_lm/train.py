@@ -19,6 +19,7 @@ from moe_lm.config import register_configs, to_train_config
 from moe_lm.errors import MoeLMError, RunLockedError
 from moe_lm.launch import job_status, slurm
 from moe_lm.training import distributed as dist_utils
+from moe_lm.training.checkpoint import as_user_error
 from moe_lm.training.run_lock import check_run_dir_arg, hold_run_lock
 
 register_configs()
@@ -83,7 +84,8 @@ def main(cfg: DictConfig) -> float | None:
                 job_status.start_job(run_dir, list(hc.overrides.task), hc.job.num if sweep else None)
             train_cfg = to_train_config(cfg)
             result = _train(train_cfg, run_dir, cfg, list(hc.overrides.task))
-    except BaseException as err:  # torch's CheckpointException is a BaseException
+    except BaseException as caught:  # torch's CheckpointException is a BaseException
+        err = as_user_error(caught)
         if first and not isinstance(err, (RunLockedError, SystemExit)):
             job_status.fail_job(run_dir, err)  # (a refused second run leaves the holder's file)
         if not isinstance(err, MoeLMError):

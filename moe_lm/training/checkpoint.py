@@ -151,6 +151,15 @@ def _free_bytes(path: Path) -> int:
         return -1
 
 
+def as_user_error(err: BaseException) -> BaseException:
+    """DCP's CheckpointException (a BaseException, its message a stack of per-rank tracebacks)
+    as one CheckpointError paragraph; any other error unchanged."""
+    if isinstance(err, CheckpointException):
+        return CheckpointError(f"A checkpoint read or write failed ({describe(err)}). Check the "
+                               "run directory's filesystem, then run the same command to resume.")
+    return err
+
+
 def save_error(err: BaseException, final: Path, free: int) -> CheckpointError:
     """The error a failed save raises: a full disk says so, and how much to free.
 

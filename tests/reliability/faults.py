@@ -1,7 +1,8 @@
 """Runs `python -m moe_lm.train` with a fault injected: `python -m tests.reliability.faults FAULT ARGS`.
 
 FAULT is `enospc_on_save=N` (the N-th checkpoint's DCP file write fails with ENOSPC, as a full
-disk makes it) or `none`. The entry point then runs exactly as from the command line, so the exit
+disk makes it), `checkpoint_exception_in_fit` (torch's BaseException-derived CheckpointException
+escapes the loop) or `none`. The entry point then runs exactly as from the command line, so the exit
 code, stderr and status.json are the real ones.
 """
 
@@ -33,10 +34,28 @@ def inject_enospc(on_save: int) -> None:
     dcp_fs._write_item = failing
 
 
+def inject_checkpoint_exception_in_fit() -> None:
+    """Makes the training loop raise torch's CheckpointException (a BaseException) as it starts,
+    as a DCP call outside moe_lm's own wrappers would."""
+    import traceback
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from moe_lm.training import loop
+
+    def failing(self, logger):
+        raise CheckpointException("injected", {0: (OSError(errno.EIO, "Input/output error"),
+                                                   traceback.StackSummary())})
+
+    loop.Trainer.fit = failing
+
+
 def main() -> None:
     fault, args = sys.argv[1], sys.argv[2:]
     if fault.startswith("enospc_on_save="):
         inject_enospc(int(fault.split("=", 1)[1]))
+    elif fault == "checkpoint_exception_in_fit":
+        inject_checkpoint_exception_in_fit()
     elif fault != "none":
         raise SystemExit(f"unknown fault {fault!r}")
     sys.argv = ["moe_lm.train", *args]

@@ -65,3 +65,15 @@ def test_really_full_tmpfs_during_a_save_fails_cleanly(small_tmpfs, overrides):
     run = small_tmpfs / "run"
     proc = _train_with_fault(run, "none", overrides)
     _assert_clean_disk_full_failure(run, proc)
+
+
+def test_base_exception_from_torch_checkpointing_is_one_paragraph_and_status_failed(tmp_path,
+                                                                                   overrides):
+    run = tmp_path / "run"
+    proc = _train_with_fault(run, "checkpoint_exception_in_fit", overrides)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert "moe_lm: error: A checkpoint read or write failed (OSError: [Errno 5] Input/output " \
+           "error)" in out and "Traceback" not in out
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "failed" and "Input/output error" in status["error"]

@@ -53,17 +53,26 @@ def test_grad_clip_null_trains_like_a_clip_that_never_binds(tmp_path, tiny_overr
     assert train_losses(tmp_path / "null") == train_losses(tmp_path / "huge")
 
 
-def test_sigterm_exits_143_and_status_records_the_checkpointed_step(tmp_path, tiny_overrides):
+def test_second_real_run_is_refused_and_sigterm_exits_143_with_the_real_step(tmp_path,
+                                                                             tiny_overrides):
     run = tmp_path / "run"
-    proc = train_cli(run, [*tiny_overrides, "trainer.max_steps=200", "trainer.ckpt_every=100",
-                           "trainer.eval_every=100"])
+    steps = [*tiny_overrides, "trainer.max_steps=200", "trainer.ckpt_every=100",
+             "trainer.eval_every=100"]
+    proc = train_cli(run, steps)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if (run / "metrics.jsonl").is_file() and len(train_losses(run)) >= 3:
+            second = train_cli(run, steps)  # the same command again, while the first trains
+            second_out, _ = second.communicate(timeout=240)
+            assert second.returncode == 2 and "in use by another run" in second_out
+            assert f"pid {proc.pid}" in second_out and "Traceback" not in second_out
+            assert json.loads((run / "status.json").read_text())["status"] == "running"
             proc.send_signal(signal.SIGTERM)
             break
         time.sleep(0.2)
     out, _ = proc.communicate(timeout=240)
+    assert all(r["step"] == i + 1 for i, r in enumerate(  # the first run's rows alone, in order
+        r for r in read_metrics(run) if "loss" in r))
     assert proc.returncode == EXIT_STOPPED == 143, out
     stopped_at = max(r["step"] for r in read_metrics(run))
     status = json.loads((run / "status.json").read_text())
