@@ -12,8 +12,12 @@ import errno
 import os
 import runpy
 import sys
+import traceback
 
 import torch.distributed.checkpoint.filesystem as dcp_fs
+from torch.distributed.checkpoint.api import CheckpointException
+
+from moe_lm.training import loop
 
 
 def inject_enospc(on_save: int) -> None:
@@ -37,12 +41,6 @@ def inject_enospc(on_save: int) -> None:
 def inject_checkpoint_exception_in_fit() -> None:
     """Makes the training loop raise torch's CheckpointException (a BaseException) as it starts,
     as a DCP call outside moe_lm's own wrappers would."""
-    import traceback
-
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    from moe_lm.training import loop
-
     def failing(self, logger):
         raise CheckpointException("injected", {0: (OSError(errno.EIO, "Input/output error"),
                                                    traceback.StackSummary())})

@@ -8,9 +8,14 @@ import subprocess
 import sys
 import warnings
 
+import numpy as np
 import pytest
+import torch
 
+from moe_lm.config import ExpertConfig, LossConfig, ModelConfig
 from moe_lm.errors import CheckpointError
+from moe_lm.eval import evaluate_batches
+from moe_lm.model import Transformer
 from moe_lm.training import checkpoint as ckpt_mod
 from tests.conftest import train_losses
 from tests.reliability.conftest import flip_bytes, largest_distcp, md5_tree, step_dir
@@ -107,3 +112,16 @@ def test_kill_during_pruning_leaves_no_partial_checkpoint(stopped_copy, override
         warnings.simplefilter("error")  # no "skipping checkpoint" warning at the next start
         train_in_process(run, [*overrides, "trainer.keep_last=1"])
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000012"]
+
+
+def test_eval_of_a_model_with_non_finite_loss_is_an_error_not_infinity():
+    model = Transformer(ModelConfig(n_layers=1, d_model=32, n_heads=2, n_kv_heads=1,
+                                    ffn_hidden=32, vocab_size=64),
+                        ExpertConfig(num_experts=2, top_k=1, hidden_size=16), LossConfig())
+    model.init_weights()
+    batches = [torch.randint(0, 64, (2, 9))]
+    assert evaluate_batches(model, batches, np.ones(64, dtype=np.int64)).loss > 0  # finite
+    with torch.no_grad():
+        model.norm.weight.fill_(float("inf"))  # what a flipped exponent bit does to a weight
+    with pytest.raises(CheckpointError, match="non-finite loss"):
+        evaluate_batches(model, batches, np.ones(64, dtype=np.int64))
