@@ -14,7 +14,7 @@ import torch
 
 from moe_lm.config import ExpertConfig, LossConfig, ModelConfig
 from moe_lm.errors import CheckpointError
-from moe_lm.eval import evaluate_batches
+from moe_lm.inference.evaluate import evaluate_batches
 from moe_lm.model import Transformer
 from moe_lm.training import checkpoint as ckpt_mod
 from tests.conftest import train_losses
