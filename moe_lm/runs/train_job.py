@@ -65,13 +65,17 @@ def torchrun_args(cfg: DictConfig) -> list[str]:
                    for k, v in (("group", w.group), ("name", w.name)) if v is not None]
 
 
-def run(cfg: TrainConfig, run_dir: Path, dcfg: DictConfig) -> dict[str, Any]:
-    """`trainer.dry_run=true`: one forward and backward on the meta device; else the training run
-    (its `.hydra/` written once the resume is decided: a refused resume records nothing)."""
+def run(cfg: TrainConfig, run_dir: Path, dcfg: DictConfig | None = None) -> dict[str, Any]:
+    """`trainer.dry_run=true`: one forward and backward on the meta device; else the training run.
+
+    With `dcfg` (the composed config) the run's `.hydra/` is written, once the resume is decided:
+    a refused resume records nothing."""
+    record = None if dcfg is None else (lambda: write_run_config(run_dir, dcfg))
     if cfg.trainer.dry_run:  # shapes only, on the meta device: nothing is allocated
-        write_run_config(run_dir, dcfg)
+        if record is not None:
+            record()
         return run_dry_run(cfg, run_dir)
-    return run_training(cfg, run_dir, on_start=lambda: write_run_config(run_dir, dcfg))
+    return run_training(cfg, run_dir, on_start=record)
 
 
 def in_sweep() -> bool:
