@@ -134,9 +134,13 @@ class MoeLM(TemplateLM):
     # -- forward -----------------------------------------------------------------------------
     @torch.no_grad()
     def _logits(self, tokens_BS: torch.Tensor, cache: PaddedKVCache | None = None) -> torch.Tensor:
+        was_training = self.model.training  # a live training model goes back to training mode
         self.model.eval()
-        with autocast_context(self.device, self.precision):
-            return self.model(tokens_BS.to(self.device), cache=cache).logits
+        try:
+            with autocast_context(self.device, self.precision):
+                return self.model(tokens_BS.to(self.device), cache=cache).logits
+        finally:
+            self.model.train(was_training)
 
     # -- loglikelihood -----------------------------------------------------------------------
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False,

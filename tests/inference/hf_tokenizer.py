@@ -1,4 +1,4 @@
-"""A transformers tokenizer with the same ids as a moe_lm (tiktoken) tokenizer, for lm-eval's `hf`."""
+"""A transformers tokenizer giving a moe_lm (tiktoken) tokenizer's ids, for lm-eval's `hf`."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ def hf_tokenizer_like(tokenizer: Tokenizer):
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "ranks.tiktoken")
         Path(path).write_text("".join(  # tiktoken's own format (its writer needs blobfile)
-            f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in enc._mergeable_ranks.items()))
+            f"{base64.b64encode(token).decode()} {rank}\n"
+            for token, rank in enc._mergeable_ranks.items()))
         converted = Converter(vocab_file=path, pattern=enc._pat_str,
                               extra_special_tokens=specials).converted()
     eot = tokenizer.decode([tokenizer.eot_id])

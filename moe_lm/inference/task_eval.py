@@ -1,0 +1,124 @@
+"""lm-evaluation-harness tasks on a moe_lm model: running them, their metrics, their record.
+
+`run_tasks` hands a `MoeLM` to `lm_eval.simple_evaluate` (tasks by lm-eval name, plus the task
+YAMLs of `include_path`) and turns lm-eval's failures into clear errors: an unknown task name, a
+dataset that cannot be fetched (no network: how to point a task at local files). `task_metrics`
+reads `{task: {metric: value}}` out of lm-eval's results, `metric_rows` the flat
+`eval/<task>/<metric>` keys the training loop logs, and `record_results` appends a run of tasks
+to `<run dir>/eval/<step>/lm_eval.json` without losing earlier runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from moe_lm.errors import ConfigError, DataError
+from moe_lm.inference.lm_eval_model import MoeLM, require_lm_eval
+
+OFFLINE_HINT = (
+    "lm-eval reads a task's dataset from the Hugging Face Hub, which needs network access or a "
+    "copy in the datasets cache (HF_DATASETS_CACHE; set HF_DATASETS_OFFLINE=1 to use only the "
+    "cache and not wait on the network). To run offline, point the task at local files: write a "
+    "task YAML with `dataset_path: json` and `dataset_kwargs: {data_files: {test: "
+    "/path/to/docs.jsonl}}` (or a local dataset directory as `dataset_path`) and pass its "
+    "directory with --include-path DIR (trainer.eval_tasks_include_path in training); relative "
+    "data_files are read from the working directory.")
+
+
+def parse_tasks(tasks: str | list[str]) -> list[str]:
+    """`"a,b"` or `["a", "b"]` -> `["a", "b"]` (blanks dropped)."""
+    names = tasks.split(",") if isinstance(tasks, str) else list(tasks)
+    return [n.strip() for n in names if n and n.strip()]
+
+
+def run_tasks(lm: MoeLM, tasks: str | list[str], num_fewshot: int | None = None,
+              limit: int | None = None, include_path: str | None = None,
+              log_samples: bool = False) -> dict[str, Any]:
+    """lm-eval's results dict for `tasks` (`results`, `configs`, `n-shot`, `versions`, ...)."""
+    require_lm_eval()
+    import lm_eval  # the optional [eval] extra; simple_evaluate pulls in the task registry
+    from lm_eval.tasks import TaskManager
+
+    names = parse_tasks(tasks)
+    if not names:
+        raise ConfigError("No tasks given: pass lm-eval task names, e.g. --tasks hellaswag,arc_easy.")
+    if include_path and not Path(include_path).is_dir():
+        raise ConfigError(f"--include-path {include_path} is not a directory of task YAMLs.")
+    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    try:
+        out = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot,
+                                      limit=limit or None, task_manager=manager,
+                                      log_samples=log_samples, bootstrap_iters=0)
+    except KeyError as err:  # lm-eval's "Spec 'x' is not a registered task/group/tag name"
+        raise ConfigError(f"lm-eval does not know a task of {names}: {err}. Use lm-eval's task "
+                          "names (`lm_eval ls tasks`) or pass the directory of your own task "
+                          "YAMLs with --include-path DIR.") from err
+    except (ConnectionError, FileNotFoundError) as err:
+        offline = os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", "", "false")
+        raise DataError(f"lm-eval could not load the dataset of {', '.join(names)} "
+                        f"({type(err).__name__}: {err}; HF_DATASETS_OFFLINE="
+                        f"{'1' if offline else 'unset'}). {OFFLINE_HINT}") from err
+    return out
+
+
+def task_metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """`{task: {metric: value}}`: lm-eval's `"acc,none"` keys become `acc` (other filters keep
+    theirs, `exact_match,strict-match` -> `exact_match/strict-match`); stderrs and aliases go."""
+    out: dict[str, dict[str, float]] = {}
+    for task, row in results["results"].items():
+        metrics = {}
+        for key, value in row.items():
+            if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
+                continue
+            metric, filt = key.split(",", 1)
+            metrics[metric if filt == "none" else f"{metric}/{filt}"] = float(value)
+        out[task] = metrics
+    return out
+
+
+def metric_rows(results: dict[str, Any]) -> dict[str, float]:
+    """The flat `eval/<task>/<metric>` values logged with a training step's validation row."""
+    return {f"eval/{task}/{metric}": value for task, metrics in task_metrics(results).items()
+            for metric, value in metrics.items() if math.isfinite(value)}
+
+
+def record_results(run_dir: Path, step: int, results: dict[str, Any],
+                   settings: dict[str, Any]) -> Path:
+    """Appends this run of tasks to `<run_dir>/eval/<step>/lm_eval.json` and returns the path.
+
+    The file keeps every run (`runs`: settings, lm-eval's results, n-shot, versions and configs)
+    and `results`, each task's latest metrics.
+    """
+    path = Path(run_dir) / "eval" / f"{step:07d}" / "lm_eval.json"
+    record: dict[str, Any] = {"step": step, "results": {}, "runs": []}
+    if path.is_file():
+        try:
+            record = json.loads(path.read_text())
+        except ValueError as err:
+            raise DataError(f"{path} is not valid JSON ({err}); move it away to write new "
+                            "results (it is kept, not overwritten).") from err
+    metrics = task_metrics(results)
+    record["results"].update(metrics)
+    record["runs"].append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **settings,
+                           "results": metrics,
+                           **{k: results.get(k) for k in ("n-shot", "versions", "configs")}})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    tmp.replace(path)
+    return path
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """lm-eval's own markdown table of the results (and of the groups, when there are any)."""
+    from lm_eval.utils import make_table
+
+    table = make_table(results)
+    if results.get("groups"):
+        table += "\n" + make_table(results, "groups")
+    return table
