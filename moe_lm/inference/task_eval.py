@@ -10,6 +10,7 @@ to `<run dir>/eval/<step>/lm_eval.json` without losing earlier runs.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from typing import Any
 
 from moe_lm.errors import ConfigError, DataError
 from moe_lm.inference.lm_eval_model import MoeLM, require_lm_eval
+from moe_lm.inference.loading import LoadedModel
 
 OFFLINE_HINT = (
     "lm-eval reads a task's dataset from the Hugging Face Hub, which needs network access or a "
@@ -122,3 +124,38 @@ def results_table(results: dict[str, Any]) -> str:
     if results.get("groups"):
         table += "\n" + make_table(results, "groups")
     return table
+
+
+def add_task_args(parser: argparse.ArgumentParser) -> None:
+    """`--tasks`, `--num-fewshot`, `--limit`, `--include-path` of `python -m moe_lm.eval`."""
+    parser.add_argument("--tasks", default=None,
+                        help="lm-eval tasks to run instead of the loss, e.g. hellaswag,arc_easy")
+    parser.add_argument("--num-fewshot", type=int, default=None,
+                        help="few-shot examples per task (default: each task's own)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="score only the first N documents of each task")
+    parser.add_argument("--include-path", default=None,
+                        help="a directory of your own lm-eval task YAMLs (e.g. on local files)")
+
+
+def evaluate_tasks(loaded: LoadedModel, tasks: str, num_fewshot: int | None = None,
+                   limit: int | None = None, batch_size: int | None = None,
+                   include_path: str | None = None, precision: str | None = None,
+                   quantize: str = "none") -> tuple[dict[str, Any], str]:
+    """Runs lm-eval tasks on a loaded model, records them in the run directory.
+
+    Returns one JSON-able row (`results`: task -> metric -> value) and lm-eval's results table.
+    `batch_size` (requests per forward) defaults to the run's `data.batch_size`.
+    """
+    lm = MoeLM(loaded, batch_size=batch_size or loaded.cfg.data.batch_size, precision=precision)
+    results = run_tasks(lm, tasks, num_fewshot, limit, include_path)
+    settings = {"tasks": parse_tasks(tasks), "num_fewshot": num_fewshot, "limit": limit,
+                "batch_size": lm.batch_size, "precision": lm.precision, "quantize": quantize,
+                "include_path": include_path, "checkpoint": str(loaded.ckpt.path)}
+    record = None
+    if loaded.run_dir is not None:
+        record = str(record_results(loaded.run_dir, loaded.ckpt.step, results, settings))
+    row = {"step": loaded.ckpt.step, **settings, "results": task_metrics(results),
+           "record": record}
+    where = record or "not recorded: the checkpoint is not inside a run directory"
+    return row, f"{results_table(results)}\nstep {loaded.ckpt.step}, results: {where}"
