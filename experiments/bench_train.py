@@ -36,7 +36,7 @@ from bench_moe_layer import environment_lines, measure_peak_flops  # noqa: E402
 from moe_lm.config import to_train_config  # noqa: E402
 from moe_lm.data import TokenLoader, prepare  # noqa: E402
 from moe_lm.model import count_params  # noqa: E402
-from moe_lm.training.loop import Trainer, autocast_context  # noqa: E402
+from moe_lm.training.loop import Trainer  # noqa: E402
 from moe_lm.training.optim import build_optimizer, build_scheduler  # noqa: E402
 
 
@@ -117,7 +117,7 @@ class MixtralStep:
 
     def __init__(self, trainer: Trainer, impl: str, shard_dir):
         cfg = trainer.cfg
-        self.cfg, self.device = cfg, trainer.device
+        self.cfg, self.device, self.precision = cfg, trainer.device, trainer.precision
         self.model = mixtral_from(trainer, impl)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
@@ -126,7 +126,7 @@ class MixtralStep:
 
     def __call__(self) -> float:
         batch = self.data.next_batch().to(self.device, non_blocking=True)
-        with autocast_context(self.device, self.cfg.trainer.precision):
+        with self.precision.autocast(self.device.type):
             targets_BS = batch[:, 1:].contiguous()  # no shift inside: same targets as moe_lm
             out = self.model(input_ids=batch[:, :-1], labels=targets_BS, shift_labels=targets_BS)
         out.loss.backward()

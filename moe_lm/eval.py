@@ -27,7 +27,7 @@ from moe_lm.inference import LoadedModel, load_model
 from moe_lm.inference.cli import add_model_args, run_cli
 from moe_lm.inference.text import token_byte_lengths
 from moe_lm.model import Transformer
-from moe_lm.training.loop import autocast_context
+from moe_lm.parallel.precision import Precision
 
 
 @dataclass
@@ -53,7 +53,7 @@ def evaluate_batches(model: Transformer, batches: Iterable[torch.Tensor], byte_l
     for batch in batches:
         batch = batch.to(device)
         targets = batch[:, 1:]
-        with autocast_context(device, precision):
+        with Precision.resolve(precision, device.type).autocast(device.type):
             out = model(batch[:, :-1], targets, return_logits=False)
         total_nats += float(out.lm_loss) * targets.numel()
         n_tokens += targets.numel()

@@ -29,7 +29,7 @@ from moe_lm.inference import LoadedModel, load_model
 from moe_lm.inference.cli import add_model_args, run_cli
 from moe_lm.model import MoE, Transformer
 from moe_lm.training.checkpoint import save_checkpoint
-from moe_lm.training.loop import autocast_context
+from moe_lm.parallel.precision import Precision
 from moe_lm.training.optim import build_optimizer
 
 
@@ -42,7 +42,7 @@ def expert_usage(model: Transformer, batches: Iterable[torch.Tensor],
     usage: list[torch.Tensor] = []
     for batch in batches:
         batch = batch.to(device)
-        with autocast_context(device, precision):
+        with Precision.resolve(precision, device.type).autocast(device.type):
             out = model(batch[:, :-1], batch[:, 1:], return_logits=False)
         counts = [s.tokens_per_expert.detach().float().cpu() for s in out.moe_stats]
         usage = counts if not usage else [u + c for u, c in zip(usage, counts)]

@@ -106,7 +106,8 @@ def fused_linear_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N
 
     On a GPU (the defaults): chunks of 4096 rows, and the vocabulary padded to a multiple of
     128 inside the matmuls. cuBLAS has no Hopper kernel for a leading dimension like cl100k's
-    100277 and falls back to 4x slower ones; the padded rows are zero and their logits -inf."""
+    100277 and falls back to much slower ones (experiments/results/moved_from_comments.md); the
+    padded rows are zero and their logits -inf."""
     device_type = h_ND.device.type
     gpu = device_type == "cuda"
     chunk = chunk or (4096 if gpu else 1024)

@@ -10,6 +10,7 @@ import torch
 from moe_lm.config import TrainConfig
 from moe_lm.errors import ConfigError
 from moe_lm.model import ModelOutput, Transformer
+from moe_lm.model.terms import LossTerm, Terms
 from moe_lm.objectives.distill import distill_kl
 from moe_lm.objectives.mtp import MTPHeads
 from moe_lm.training import distributed as dist_utils
@@ -54,23 +55,17 @@ class ExtraObjectives:
     def active(self) -> bool:
         return self.teacher is not None or self.mtp is not None
 
-    def __call__(self, model: Transformer, batch_BS1: torch.Tensor,
-                 out: ModelOutput) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-        """(weighted sum of the extra losses or None, {metric name: unweighted value})."""
-        if not self.active:
-            return None, {}
-        logs: dict[str, torch.Tensor] = {}
-        total = out.lm_loss.new_zeros(())
+    def __call__(self, model: Transformer, batch_BS1: torch.Tensor, out: ModelOutput) -> Terms:
+        """The configured objectives' named loss terms for this batch (none when off)."""
+        terms: Terms = {}
         if self.teacher is not None:
             T = self.loss_cfg.distill_temperature
             with torch.no_grad():
                 teacher_out = self.teacher(batch_BS1[:, :-1], batch_BS1[:, 1:], return_logits=False)
             kl = distill_kl(out.hidden.flatten(0, 1), model.head_weight_VD,
                             teacher_out.hidden.flatten(0, 1), self.teacher.head_weight_VD, T)
-            total = total + self.loss_cfg.distill_coef * T * T * kl
-            logs["distill_kl"] = kl
+            terms["distill_kl"] = LossTerm(kl, self.loss_cfg.distill_coef * T * T)
         if self.mtp is not None:
             mtp_loss = self.mtp.loss(model, batch_BS1, out.hidden)
-            total = total + self.loss_cfg.mtp_coef * mtp_loss
-            logs["mtp_loss"] = mtp_loss
-        return total, logs
+            terms["mtp_loss"] = LossTerm(mtp_loss, self.loss_cfg.mtp_coef)
+        return terms

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from moe_lm.config import TrainConfig
@@ -27,14 +27,7 @@ from moe_lm.errors import ConfigError
 from moe_lm.parallel.checkpointing import apply_activation_checkpointing
 from moe_lm.parallel.expert_parallel import MoEParallel, distribute_experts
 from moe_lm.parallel.mesh import dense_mesh, expert_fsdp_mesh
-
-
-def mixed_precision(cfg: TrainConfig, device_type: str) -> MixedPrecisionPolicy:
-    """bf16 all-gathers with fp32 gradient reduction on CUDA bf16 runs; fp32 otherwise (CPU runs
-    keep fp32 weights and use autocast, exactly like a single process)."""
-    if device_type == "cuda" and cfg.trainer.precision == "bf16":
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    return MixedPrecisionPolicy()
+from moe_lm.parallel.precision import Precision
 
 
 def expert_shard_dim(shape: torch.Size, dp_shard: int) -> int:
@@ -48,16 +41,21 @@ def expert_shard_dim(shape: torch.Size, dp_shard: int) -> int:
         " (model.d_model, expert.hidden_size): choose a dp_shard that divides one of them.")
 
 
-def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: TrainConfig) -> nn.Module:
+def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: TrainConfig,
+                precision: Precision | None = None) -> nn.Module:
     """Applies activation checkpointing, expert parallelism and FSDP2 to `model` in place.
 
     Works on a meta-device model and with any process-group backend (gloo, nccl, or torch's fake
     backend for planning). With `mesh=None` (one process) only activation checkpointing applies.
+    `precision` (default: `trainer.precision` on the mesh's device) sets FSDP2's mixed precision;
+    the planner passes the target device's, its own mesh being on the CPU.
     """
     apply_activation_checkpointing(model, cfg.trainer.activation_checkpointing)
     if mesh is None:
         return model
-    mp = mixed_precision(cfg, mesh.device_type)
+    if precision is None:
+        precision = Precision.resolve(cfg.trainer.precision, mesh.device_type)
+    mp = precision.fsdp_policy()
     world = mesh.size()
     ep, dp_shard = mesh["ep"].size(), mesh["dp_shard"].size()
     sum_only = dist.get_backend() == "gloo"  # gloo has no PREMUL_SUM reduction

@@ -19,13 +19,12 @@ from moe_lm.parallel import apply_activation_checkpointing
 from moe_lm.planning.balanced import use_balanced_routing
 from moe_lm.planning.counting import build_meta_model
 from moe_lm.planning.memory import planning_config
+from moe_lm.training.step import forward_backward
 
 
 def dry_run(cfg: TrainConfig) -> dict[str, Any]:
     """Runs one micro-step (B = data.batch_size, S = data.seq_len) forward and backward on meta;
     returns what it checked. `cfg.model.vocab_size` must be resolved."""
-    from moe_lm.training.loop import combine_losses  # the loop's own loss
-
     start = time.time()
     cfg = planning_config(cfg)
     model = build_meta_model(cfg)
@@ -34,8 +33,9 @@ def dry_run(cfg: TrainConfig) -> dict[str, Any]:
     model.train()
     B, S = cfg.data.batch_size, cfg.data.seq_len
     tokens_BS1 = torch.zeros((B, S + 1), dtype=torch.int64, device="meta")
-    out = model(tokens_BS1[:, :-1], tokens_BS1[:, 1:], return_logits=False)
-    loss = combine_losses(out, cfg).total
+    # the training step itself; no autocast on the meta device (shapes only)
+    result = forward_backward(model, tokens_BS1, None, "meta", backward=False)
+    out, loss = result.out, result.loss
     if loss.shape != torch.Size([]):
         raise MoeLMError(f"dry run: the loss has shape {tuple(loss.shape)}, expected a scalar.")
     loss.backward()

@@ -16,16 +16,18 @@ from torch.profiler import ProfilerActivity, profile
 
 from moe_lm.config import TrainConfig
 from moe_lm.parallel import build_mesh, clip_grad_norm_, init_on_device, parallelize
+from moe_lm.parallel.precision import Precision
 from moe_lm.planning.counting import build_meta_model
-from moe_lm.training.loop import autocast_context, combine_losses
 from moe_lm.training.optim import build_optimizer
+from moe_lm.training.step import forward_backward
 
 
 def _train_steps(cfg: TrainConfig, steps: int) -> None:
     device = torch.device("cpu")
+    precision = Precision.resolve(cfg.trainer.precision, "cpu")
     mesh = build_mesh(cfg.parallel, "cpu", cfg.expert)
     model = build_meta_model(cfg)
-    parallelize(model, mesh, cfg)
+    parallelize(model, mesh, cfg, precision)
     init_on_device(model, device, cfg.trainer.seed)
     model.train()
     optimizer = build_optimizer(model, cfg.optim)
@@ -34,10 +36,7 @@ def _train_steps(cfg: TrainConfig, steps: int) -> None:
     for _ in range(steps):
         for _ in range(cfg.trainer.grad_accum):
             batch = torch.randint(0, cfg.model.vocab_size, (B, S + 1), generator=gen)
-            with autocast_context(device, cfg.trainer.precision):
-                out = model(batch[:, :-1], batch[:, 1:], return_logits=False)
-                loss = combine_losses(out, cfg).total / cfg.trainer.grad_accum
-            loss.backward()
+            forward_backward(model, batch, precision, "cpu", grad_divisor=cfg.trainer.grad_accum)
         clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

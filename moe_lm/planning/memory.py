@@ -16,7 +16,6 @@ checkpointing. Routing is assumed balanced (see `balanced.py`).
 from __future__ import annotations
 
 import contextlib
-import unittest.mock
 import weakref
 from dataclasses import dataclass, replace
 from typing import Iterator
@@ -29,14 +28,14 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import moe_lm.parallel.fsdp as parallel_fsdp
 from moe_lm.config import TrainConfig
 from moe_lm.errors import MoeLMError
 from moe_lm.parallel import build_mesh, parallelize
+from moe_lm.parallel.precision import Precision
 from moe_lm.planning.balanced import use_balanced_routing
 from moe_lm.planning.counting import build_meta_model
-from moe_lm.model.terms import total_loss
 from moe_lm.training.optim import build_optimizer
+from moe_lm.training.step import forward_backward
 
 # tracker categories (torch.distributed._tools) -> the parts the plan reports
 _PARTS = {
@@ -79,13 +78,6 @@ def fake_world(world_size: int) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def _target_policy(cfg: TrainConfig, device_type: str):
-    """Makes `parallelize` choose the mixed-precision policy of the target device (e.g. bf16
-    all-gathers on CUDA) although the planning mesh lives on the CPU."""
-    policy = parallel_fsdp.mixed_precision(cfg, device_type)
-    return unittest.mock.patch.object(parallel_fsdp, "mixed_precision", lambda c, d: policy)
-
-
 class _AllToAllBytes(TorchDispatchMode):
     """Tracks the live bytes of all-to-all output buffers and their peak."""
 
@@ -109,19 +101,6 @@ class _AllToAllBytes(TorchDispatchMode):
 _ALLTOALL = torch.ops.c10d.alltoall_base_.default
 
 
-def _autocast(cfg: TrainConfig):
-    if cfg.trainer.precision == "bf16":  # what the training loop wraps the forward in
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _step(model, tokens, cfg: TrainConfig):
-    with _autocast(cfg):
-        out = model(tokens[:, :-1], tokens[:, 1:], return_logits=False)
-        loss = total_loss(out.lm_loss, out.terms)
-    loss.backward()
-
-
 def planning_config(cfg: TrainConfig) -> TrainConfig:
     """The config the shape-only pass runs: capacity dropping off (balanced routing drops nothing
     at capacity_factor >= 1; below that the plan overestimates the expert activations)."""
@@ -135,13 +114,15 @@ def measure_rank_memory(cfg: TrainConfig, device_type: str = "cuda") -> RankMemo
     dp_replicate x dp_shard x ep ranks of `device_type`, measured on fake tensors."""
     cfg = planning_config(cfg)
     world = world_size_of(cfg)
+    # the target device's FSDP policy (e.g. bf16 all-gathers on CUDA), its forward's autocast
+    # run on the CPU where the fake tensors live
+    precision = Precision.resolve(cfg.trainer.precision, device_type, check_support=False)
     with contextlib.ExitStack() as stack:
         if world > 1:
             stack.enter_context(fake_world(world))
         mesh = build_mesh(cfg.parallel, "cpu", cfg.expert)
         model = build_meta_model(cfg)
-        with _target_policy(cfg, device_type):
-            parallelize(model, mesh, cfg)
+        parallelize(model, mesh, cfg, precision)
         use_balanced_routing(model)
         fake_mode = stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
         model.to_empty(device="cpu")
@@ -151,7 +132,7 @@ def measure_rank_memory(cfg: TrainConfig, device_type: str = "cuda") -> RankMemo
         # an untracked forward first: FSDP's lazy init and DTensor's sharding-propagation caches
         # (whose global-shape fake tensors are no memory of a real rank); then the optimizer
         # states, from one step on zero gradients
-        with torch.no_grad(), _autocast(cfg):
+        with torch.no_grad(), precision.autocast("cpu"):
             model(tokens[:1, :3], tokens[:1, 1:4], return_logits=False)
         if hasattr(model, "reshard"):  # FSDP: back to the sharded parameters
             model.reshard()
@@ -168,7 +149,7 @@ def measure_rank_memory(cfg: TrainConfig, device_type: str = "cuda") -> RankMemo
             tracker.track_inputs((tokens,))
         a2a = _AllToAllBytes()
         with tracker, a2a:
-            _step(model, tokens, cfg)
+            forward_backward(model, tokens, precision, "cpu")
             after_backward = tracker.get_tracker_snapshot("current")
         peak_snap = tracker.get_tracker_snapshot("peak")
         del fake_mode

@@ -10,7 +10,6 @@ import contextlib
 import math
 import signal
 import time
-import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,11 +19,11 @@ import torch
 from moe_lm.config import TrainConfig
 from moe_lm.data import TokenLoader, get_tokenizer, prepare
 from moe_lm.errors import CheckpointError, MoeLMError
-from moe_lm.model import ModelOutput, Transformer
-from moe_lm.model.terms import total_loss
+from moe_lm.model import Transformer
 from moe_lm.objectives import ExtraObjectives
 from moe_lm.model.router import Router, update_score_bias
 from moe_lm.parallel import build_mesh, clip_grad_norm_, init_on_device, parallelize, validate_layout
+from moe_lm.parallel.precision import Precision
 from moe_lm.training import distributed as dist_utils
 from moe_lm.training.compile import compile_blocks
 from moe_lm.training.cpu_memory import keep_freed_cpu_memory
@@ -37,6 +36,7 @@ from moe_lm.training.checkpoint import (
 from moe_lm.training.metrics import MetricsLogger, RoutingAccumulator, score_bias_metrics
 from moe_lm.training.routing_monitor import RoutingMonitor, heatmap_path
 from moe_lm.training.optim import build_optimizer, build_scheduler
+from moe_lm.training.step import forward_backward
 
 
 class TrainingError(MoeLMError):
@@ -51,43 +51,6 @@ def resolve_device(name: str) -> torch.device:
         raise MoeLMError("trainer.device=cuda but no CUDA device is visible: use trainer.device=cpu "
                          "(or auto), or run on a machine with a GPU.")
     return torch.device(name)
-
-
-def autocast_context(device: torch.device, precision: str):
-    """bf16 autocast where the device supports it; fp32 otherwise (with a warning)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    supported = (torch.cuda.is_bf16_supported() if device.type == "cuda"
-                 else torch.backends.mkldnn.is_available() and _cpu_has_bf16())
-    if not supported:
-        warnings.warn("bf16 is not supported on this device; training in fp32.", stacklevel=2)
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def _cpu_has_bf16() -> bool:
-    cpu = getattr(torch, "cpu", None)
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(getattr(cpu, c, lambda: False)() for c in checks)
-
-
-@dataclass
-class LossParts:
-    """The total training loss and what it is made of."""
-
-    total: torch.Tensor
-    lm: torch.Tensor
-    aux: torch.Tensor
-    z: torch.Tensor
-
-
-def combine_losses(out: ModelOutput, cfg: TrainConfig) -> LossParts:
-    """LM loss + the MoE layers' weighted loss terms (balance and z-loss, averaged over layers)."""
-    zero = out.lm_loss.new_zeros(())
-    terms = out.terms
-    aux = terms["aux_loss"].value if "aux_loss" in terms else zero
-    z = terms["z_loss"].value if "z_loss" in terms else zero
-    return LossParts(total_loss(out.lm_loss, terms), out.lm_loss, aux, z)
 
 
 class Trainer:
@@ -109,10 +72,11 @@ class Trainer:
                              f"{tokenizer.name}'s {tokenizer.n_vocab} tokens: set it to 0 (take the "
                              "tokenizer's) or at least that.")
         self.cfg, self.tokenizer = cfg, tokenizer
+        self.precision = Precision.resolve(cfg.trainer.precision, self.device.type)
         self.mesh = build_mesh(cfg.parallel, self.device.type, cfg.expert)  # None: one process
         with torch.device("meta"):  # shapes only: each rank then allocates just its own shards
             self.model = Transformer(cfg.model, cfg.expert, cfg.loss)
-        parallelize(self.model, self.mesh, cfg)
+        parallelize(self.model, self.mesh, cfg, self.precision)
         init_on_device(self.model, self.device, cfg.trainer.seed)  # same values for any layout
         if cfg.trainer.compile:
             compile_blocks(self.model, self.device)
@@ -132,6 +96,7 @@ class Trainer:
         self._first_bad = torch.zeros((), dtype=torch.long, device=self.device)  # 0: all finite
         self._bad_values: torch.Tensor | None = None  # (loss, grad norm) of the first bad step
         self._last_logged = (0, time.time())  # (step, wall time) of the last logged row
+        self._loss_keys: tuple[str, ...] = ()  # names of the losses in train_step's rows
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -181,23 +146,19 @@ class Trainer:
         """One optimizer update over `grad_accum` micro-batches; returns its metrics row."""
         t = self.cfg.trainer
         self.model.train()
-        sums = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "z_loss": 0.0}
+        sums: dict[str, Any] = {}  # the micro-steps' mean of every logged loss, by name
         step_loads: list[torch.Tensor] = []  # per MoE layer, tokens per expert over micro-steps
+        extra = self.objectives if self.objectives.active else None
         for _ in range(t.grad_accum):
             batch = self.train_data.next_batch().to(self.device, non_blocking=True)
-            with autocast_context(self.device, t.precision):
-                out = self.model(batch[:, :-1], batch[:, 1:], return_logits=False)
-                parts = combine_losses(out, self.cfg)
-                extra_loss, extra_logs = self.objectives(self.model, batch, out)
-            total = parts.total if extra_loss is None else parts.total + extra_loss
-            (total / t.grad_accum).backward()
-            self.routing.add(out.moe_stats)
+            result = forward_backward(self.model, batch, self.precision, self.device.type, extra,
+                                      grad_divisor=t.grad_accum)
+            self.routing.add(result.out.moe_stats)
             step_loads = [s.tokens_per_expert + (step_loads[i] if step_loads else 0)
-                          for i, s in enumerate(out.moe_stats)]
-            for key, value in zip(sums, (total, parts.lm, parts.aux, parts.z)):
-                sums[key] += value.detach() / t.grad_accum
-            for key, value in extra_logs.items():  # distill_kl, mtp_loss
-                sums[key] = sums.get(key, 0.0) + value.detach() / t.grad_accum
+                          for i, s in enumerate(result.out.moe_stats)]
+            for key, value in result.logs.items():
+                sums[key] = sums.get(key, 0.0) + value / t.grad_accum
+        self._loss_keys = tuple(sums)
         grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)  # global
         self.skip_update_if_nonfinite(sums["loss"], grad_norm)
         lr = self.scheduler.get_last_lr()[0]
@@ -256,7 +217,7 @@ class Trainer:
         self._last_logged = (row["step"], now)
         row = dict(row)
         step_tokens = row.pop("step_tokens")
-        losses = {k: v for k, v in row.items() if k.endswith("loss") or k == "distill_kl"}
+        losses = {k: row[k] for k in self._loss_keys}
         return {**row, **dist_utils.mean_over_ranks(losses, self.device),
                 "grad_norm": float(row["grad_norm"]),
                 "tokens_per_s": step_tokens / max(elapsed, 1e-9), "step_time": elapsed}
@@ -268,7 +229,7 @@ class Trainer:
         total, n = torch.zeros((), device=self.device), 0
         for batch in self.val_batches():
             batch = batch.to(self.device)
-            with autocast_context(self.device, self.cfg.trainer.precision):
+            with self.precision.autocast(self.device.type):
                 out = self.model(batch[:, :-1], batch[:, 1:], return_logits=False)
             total += out.lm_loss.float()
             n += 1

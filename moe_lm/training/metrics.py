@@ -120,9 +120,10 @@ class MetricsLogger:
             self.start_step, self.start_time = step - 1, time.time() - row.get("step_time", 0.0)
         per_step = (time.time() - self.start_time) / max(1, step - self.start_step)
         eta = per_step * (self.total_steps - step)
+        aux = f" | aux {row['aux_loss']:.3f}" if "aux_loss" in row else ""
         moe = f" | imb {row['moe/load_imbalance']:.2f}" if "moe/load_imbalance" in row else ""
         print(f"step {step:>6}/{self.total_steps} | loss {row['loss']:.4f} | lm {row['lm_loss']:.4f}"
-              f" | aux {row['aux_loss']:.3f}{moe} | lr {row['lr']:.2e} | "
+              f"{aux}{moe} | lr {row['lr']:.2e} | "
               f"{row['tokens_per_s']:,.0f} tok/s | ETA {_fmt_time(eta)}", flush=True)
 
     def log_image(self, key: str, path: Path, step: int) -> None:

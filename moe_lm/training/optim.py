@@ -23,7 +23,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=True)  # one fused kernel per tensor: 3x faster steps on CPU
+                             fused=True)  # one fused kernel per tensor instead of a launch per op
 
 
 def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:

@@ -12,6 +12,7 @@ from moe_lm.config import ExpertConfig, ModelConfig, ParallelConfig, TrainConfig
 from moe_lm.model import Transformer
 from moe_lm.parallel import build_mesh, init_on_device, parallelize
 from moe_lm.training import distributed as dist_utils
+from moe_lm.model.terms import LossTerm
 from moe_lm.training import loop
 from tests.training.helpers import train_in_process
 
@@ -20,21 +21,26 @@ def _sabotage(rank: int, mode: str, at_step: int, seconds: float) -> None:
     """Makes rank 1 misbehave at its `at_step`-th training micro-step (grad_accum=1)."""
     if rank != 1 or mode == "none":
         return
-    original, calls = loop.combine_losses, [0]
+    original, calls = loop.forward_backward, [0]
 
-    def combine_losses(out, cfg):
-        parts = original(out, cfg)
+    def forward_backward(model, batch, precision, device_type, extra=None, **kwargs):
         calls[0] += 1
-        if calls[0] == at_step:
-            if mode == "nan":
-                parts.total = parts.total * float("nan")
-            elif mode == "sigterm":
-                os.kill(os.getpid(), signal.SIGTERM)
-            elif mode == "stall":
-                time.sleep(seconds)
-        return parts
+        if calls[0] != at_step:
+            return original(model, batch, precision, device_type, extra, **kwargs)
+        if mode == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+        elif mode == "stall":
+            time.sleep(seconds)
+        if mode != "nan":
+            return original(model, batch, precision, device_type, extra, **kwargs)
 
-    loop.combine_losses = combine_losses
+        def poisoned(model, batch, out):  # a NaN loss term makes the total NaN
+            terms = extra(model, batch, out) if extra is not None else {}
+            return {**terms, "poison": LossTerm(out.lm_loss * float("nan"))}
+
+        return original(model, batch, precision, device_type, poisoned, **kwargs)
+
+    loop.forward_backward = forward_backward
 
 
 def train_rank(rank: int, run_dir: str, overrides: list[str], mode: str = "none",

@@ -15,7 +15,7 @@ from moe_lm.errors import ConfigError
 from moe_lm.model import Transformer
 from moe_lm.model.moe import MoE
 from moe_lm.model.router import Router, expert_choice_capacity, update_score_bias
-from moe_lm.training.loop import combine_losses
+from moe_lm.model.terms import total_loss
 
 
 class FixedGate(nn.Module):
@@ -73,9 +73,10 @@ def test_total_loss_adds_balance_loss_of_one_or_num_experts_times_its_coefficien
         if isinstance(module, Router):
             module.gate = FixedGate(logits)
     tokens = torch.randint(0, 64, (2, 9))
-    parts = combine_losses(model(tokens[:, :-1], tokens[:, 1:], return_logits=False), cfg)
-    assert math.isclose(float(parts.aux), expected, rel_tol=1e-5)
-    assert math.isclose(float(parts.total - parts.lm), 0.25 * expected, rel_tol=1e-5)
+    out = model(tokens[:, :-1], tokens[:, 1:], return_logits=False)
+    assert math.isclose(float(out.terms["aux_loss"].value), expected, rel_tol=1e-5)
+    total = total_loss(out.lm_loss, out.terms)
+    assert math.isclose(float(total - out.lm_loss), 0.25 * expected, rel_tol=1e-5)
 
 
 def test_capacity_factor_one_processes_exactly_capacity_tokens_and_counts_the_rest_dropped():

@@ -7,6 +7,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from moe_lm.config import register_configs, to_train_config
+from moe_lm.model.terms import LossTerm
 from moe_lm.training import loop
 from moe_lm.training.loop import Trainer, TrainingError
 from tests.conftest import read_metrics
@@ -16,16 +17,21 @@ register_configs()
 
 
 def _poison_step(monkeypatch, at_call: int) -> None:
-    original, calls = loop.combine_losses, [0]
+    """Makes the `at_call`-th training micro-step's total loss NaN (a NaN loss term)."""
+    original, calls = loop.forward_backward, [0]
 
-    def combine_losses(out, cfg):
-        parts = original(out, cfg)
+    def forward_backward(model, batch, precision, device_type, extra=None, **kwargs):
         calls[0] += 1
-        if calls[0] == at_call:
-            parts.total = parts.total * float("nan")
-        return parts
+        if calls[0] != at_call:
+            return original(model, batch, precision, device_type, extra, **kwargs)
 
-    monkeypatch.setattr(loop, "combine_losses", combine_losses)
+        def poisoned(model, batch, out):
+            terms = extra(model, batch, out) if extra is not None else {}
+            return {**terms, "poison": LossTerm(out.lm_loss * float("nan"))}
+
+        return original(model, batch, precision, device_type, poisoned, **kwargs)
+
+    monkeypatch.setattr(loop, "forward_backward", forward_backward)
 
 
 def test_nonfinite_step_leaves_weights_and_optimizer_untouched(tmp_path, tiny_overrides,
