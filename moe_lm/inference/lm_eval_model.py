@@ -37,7 +37,7 @@ from moe_lm.errors import ConfigError, MoeLMError
 from moe_lm.inference.kv_cache import PaddedKVCache
 from moe_lm.inference.loading import LoadedModel, load_model
 from moe_lm.model import Transformer
-from moe_lm.training.loop import autocast_context
+from moe_lm.parallel.precision import Precision
 
 try:  # the optional [eval] extra
     from lm_eval import utils as lm_eval_utils
@@ -104,13 +104,14 @@ class MoeLM(TemplateLM):
         except ValueError:
             raise ConfigError(f"batch_size={batch_size!r}: pass a number of requests per forward "
                               "(lm-eval's automatic batch size is not supported).") from None
-        if self.batch_size < 1 or max_gen_toks < 1 or precision not in (None, "fp32", "bf16"):
-            raise ConfigError("MoeLM needs batch_size >= 1, max_gen_toks >= 1 and precision "
-                              f"fp32 or bf16 (got {batch_size}, {max_gen_toks}, {precision}).")
+        if self.batch_size < 1 or max_gen_toks < 1:
+            raise ConfigError("MoeLM needs batch_size >= 1 and max_gen_toks >= 1 (got "
+                              f"{batch_size}, {max_gen_toks}).")
         self.model, self.tokenizer = model, tokenizer
         self.max_length, self.max_gen_toks = int(max_length), int(max_gen_toks)
-        self.precision = precision or "fp32"
         self._device = next(model.parameters()).device
+        self._precision = Precision.resolve(precision or "fp32", self._device.type)
+        self.precision = self._precision.name  # fp32 where the device has no bf16
         if unused:
             warnings.warn(f"MoeLM ignores the arguments {sorted(unused)}.", stacklevel=2)
 
@@ -137,7 +138,7 @@ class MoeLM(TemplateLM):
         was_training = self.model.training  # a live training model goes back to training mode
         self.model.eval()
         try:
-            with autocast_context(self.device, self.precision):
+            with self._precision.autocast(self.device.type):
                 return self.model(tokens_BS.to(self.device), cache=cache).logits
         finally:
             self.model.train(was_training)
