@@ -18,9 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from moe_lm.config import TrainConfig
+from moe_lm.data import Tokenizer
 from moe_lm.errors import ConfigError, DataError
 from moe_lm.inference.lm_eval_model import MoeLM, require_lm_eval
 from moe_lm.inference.loading import LoadedModel
+from moe_lm.model import Transformer
+from moe_lm.training import distributed as dist_utils
 
 OFFLINE_HINT = (
     "lm-eval reads a task's dataset from the Hugging Face Hub, which needs network access or a "
@@ -159,3 +163,38 @@ def evaluate_tasks(loaded: LoadedModel, tasks: str, num_fewshot: int | None = No
            "record": record}
     where = record or "not recorded: the checkpoint is not inside a run directory"
     return row, f"{results_table(results)}\nstep {loaded.ckpt.step}, results: {where}"
+
+
+class TrainingTaskEval:
+    """`trainer.eval_tasks` at each evaluation of a training run: the Trainer's `task_eval`.
+
+    Checks at start-up that lm-eval is installed and the include path exists. Each call runs the
+    tasks on the live model (`trainer.eval_tasks_limit` documents each, the run's context
+    `data.seq_len`, `data.batch_size` requests per forward, `trainer.precision`), records them in
+    `<run dir>/eval/<step>/lm_eval.json` (rank 0) and returns the `eval/<task>/<metric>` values.
+    Every rank runs the same requests: FSDP and expert-parallel forwards need all ranks.
+    """
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path):
+        require_lm_eval()
+        t = cfg.trainer
+        self.tasks = parse_tasks(t.eval_tasks)
+        self.include_path = t.eval_tasks_include_path
+        if self.include_path and not Path(self.include_path).expanduser().is_dir():
+            raise ConfigError(f"trainer.eval_tasks_include_path={self.include_path} is not a "
+                              "directory of lm-eval task YAMLs.")
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+
+    def __call__(self, model: Transformer, tokenizer: Tokenizer, step: int) -> dict[str, float]:
+        t = self.cfg.trainer
+        lm = MoeLM(model=model, tokenizer=tokenizer, max_length=self.cfg.data.seq_len,
+                   batch_size=self.cfg.data.batch_size, precision=t.precision)
+        results = run_tasks(lm, self.tasks, t.eval_tasks_num_fewshot, t.eval_tasks_limit or None,
+                            self.include_path)
+        if dist_utils.rank() == 0:
+            record_results(self.run_dir, step, results, {
+                "tasks": self.tasks, "num_fewshot": t.eval_tasks_num_fewshot,
+                "limit": t.eval_tasks_limit or None, "batch_size": lm.batch_size,
+                "precision": lm.precision, "include_path": self.include_path,
+                "source": "training"})
+        return metric_rows(results)

@@ -12,7 +12,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -56,7 +56,11 @@ def resolve_device(name: str) -> torch.device:
 class Trainer:
     """Holds one run's model, optimizer, data and logger; `fit()` trains to the end."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path):
+    def __init__(self, cfg: TrainConfig, run_dir: Path,
+                 task_eval: Callable[..., dict[str, float]] | None = None):
+        # task_eval(model, tokenizer, step) -> {"eval/<task>/<metric>": value}: the lm-eval tasks
+        # of trainer.eval_tasks, built by the caller (inference sits above the training layer)
+        self.task_eval = task_eval
         self.run_dir = Path(run_dir)
         self.device = resolve_device(cfg.trainer.device)
         if self.device.type == "cpu":
@@ -237,7 +241,10 @@ class Trainer:
             torch.distributed.all_reduce(total)
             total /= dist_utils.world_size()
         val_loss = float(total / max(n, 1))
-        return {"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        row = {"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        if self.task_eval is not None:  # every rank runs them (sharded weights), rank 0 logs
+            row.update(self.task_eval(self.model, self.tokenizer, self.step))
+        return row
 
     def routers(self) -> list[Router]:
         """The MoE layers' routers, in layer order (the order of `ModelOutput.moe_stats`)."""
@@ -323,8 +330,11 @@ def _sigterm_flag(trainer: Trainer):
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
+def run_training(cfg: TrainConfig, run_dir: Path,
+                 task_eval: Callable[..., dict[str, float]] | None = None) -> dict[str, Any]:
     """Builds everything, resumes if the run directory holds a checkpoint, trains, logs.
+
+    `task_eval` (see `Trainer`) adds the lm-eval task metrics to every evaluation row.
 
     Under torchrun it first checks the layout against the world size, then joins the process
     group (and leaves it at the end, also after an error).
@@ -338,7 +348,7 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
                     if not dist_utils.is_initialized() else dist_utils.world_size(), device_type)
     created = dist_utils.init_from_env(device_type, cfg.trainer.collective_timeout_s)
     try:
-        trainer = Trainer(cfg, run_dir)
+        trainer = Trainer(cfg, run_dir, task_eval)
         trainer.resume_if_possible()
         total = cfg.trainer.stop_at or cfg.trainer.max_steps
         logger = MetricsLogger(run_dir, trainer.cfg, total)
