@@ -208,7 +208,7 @@ class MoeLM(TemplateLM):
                 raise ConfigError(f"The task asks for {max_new} new tokens but the model's context "
                                   f"is {self.max_length}: lower the task's max_gen_toks or raise "
                                   "max_length.")
-            prompts = [self.tok_encode(c)[-max_ctx:] for c in contexts]
+            prompts = [self.tok_encode(c)[-max_ctx:] or [self.prefix_token_id] for c in contexts]
             for context, gen_kwargs, ids in zip(contexts, all_kwargs,
                                                 self._generate(prompts, max_new, until, kwargs)):
                 text = postprocess_generated_text(self.tok_decode(ids), until, None)

@@ -169,3 +169,11 @@ def test_without_lm_eval_the_error_says_how_to_install_it(monkeypatch):
     monkeypatch.setattr(lm_eval_model, "LM_EVAL_ERROR", ImportError("No module named 'lm_eval'"))
     with pytest.raises(MoeLMError, match=r"pip install -e \"\.\[eval\]\""):
         MoeLM(model=torch.nn.Linear(1, 1), tokenizer=None)
+
+
+def test_registered_with_lm_eval_as_moe_lm(tiny_run):
+    from lm_eval.api.registry import get_model
+
+    assert get_model("moe_lm") is MoeLM
+    lm = MoeLM.create_from_arg_string(f"pretrained={tiny_run},device=cpu,batch_size=4")
+    assert lm.batch_size == 4 and lm.max_length == load_model(tiny_run).cfg.data.seq_len
