@@ -81,16 +81,16 @@ def _timer(device: torch.device, reps: int):
 
 def _routing(s: Shape, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Uniform random top-k routing: (expert_idx (T, k), order (M,), offs (E,) int32)."""
-    from moe_lm.ops import torch_ref
+    from moe_lm.ops import torch_backend
 
     idx_Tk = torch.rand(s.T, s.E, device=device).topk(s.k, dim=-1).indices
-    order_M, counts_E = torch_ref.route(idx_Tk, s.E)
+    order_M, counts_E = torch_backend.route(idx_Tk, s.E)
     return idx_Tk, order_M, counts_E.cumsum(0).to(torch.int32)
 
 
 def bench_gemm(s: Shape, device: torch.device, dtype: torch.dtype, time_ms, use_triton: bool):
     """Rows of (method, fwd TFLOP/s, bwd TFLOP/s) for x (M, D) @ w (E, D, F) grouped by expert."""
-    from moe_lm.ops import torch_ref
+    from moe_lm.ops import torch_backend
 
     _, _, offs_E = _routing(s, device)
     M = s.T * s.k
@@ -115,11 +115,11 @@ def bench_gemm(s: Shape, device: torch.device, dtype: torch.dtype, time_ms, use_
         bwd = time_ms(lambda: (kernels.grouped_mm_dx(dy_MF, w_EDF, offs_E),
                                kernels.grouped_mm_dw(x_MD, dy_MF, offs_E)))
         rows.append(("triton grouped_mm", tflops(fwd, 1), tflops(bwd, 2)))
-    if torch_ref._native_grouped_mm_ok(x_MD, w_EDF):
+    if torch_backend._native_grouped_mm_ok(x_MD, w_EDF):
         autograd_pair("torch._grouped_mm", lambda x, w: torch._grouped_mm(x, w, offs=offs_E))
     else:
         rows.append(("torch._grouped_mm", float("nan"), float("nan")))  # unsupported here
-    autograd_pair("per-expert loop", lambda x, w: torch_ref.grouped_mm_loop(x, w, offs_E))
+    autograd_pair("per-expert loop", lambda x, w: torch_backend.grouped_mm_loop(x, w, offs_E))
     w_DF = w_EDF[0].contiguous()
     fwd = time_ms(lambda: x_MD @ w_DF)
     bwd = time_ms(lambda: (dy_MF @ w_DF.t(), x_MD.t() @ dy_MF))
@@ -129,7 +129,7 @@ def bench_gemm(s: Shape, device: torch.device, dtype: torch.dtype, time_ms, use_
 
 def bench_dispatch(s: Shape, device: torch.device, dtype: torch.dtype, time_ms, use_triton: bool):
     """Rows of (method, GB/s) for gather (T, D) -> (M, D) and scatter (M, D) -> (T, D)."""
-    from moe_lm.ops import torch_dropless, torch_ref
+    from moe_lm.ops import torch_dropless, torch_backend
 
     idx_Tk, order_M, _ = _routing(s, device)
     M = s.T * s.k
@@ -150,9 +150,9 @@ def bench_dispatch(s: Shape, device: torch.device, dtype: torch.dtype, time_ms, 
         rows.append(("triton scatter", gbs(scatter_moved, time_ms(
             lambda: kernels.scatter(y_MD, order_M, w_Tk)))))
     rows.append(("torch backend gather",
-                 gbs(moved, time_ms(lambda: torch_ref.gather(x_TD, order_M, s.k)))))
+                 gbs(moved, time_ms(lambda: torch_backend.gather(x_TD, order_M, s.k)))))
     rows.append(("torch backend scatter",
-                 gbs(scatter_moved, time_ms(lambda: torch_ref.scatter(y_MD, order_M, w_Tk)))))
+                 gbs(scatter_moved, time_ms(lambda: torch_backend.scatter(y_MD, order_M, w_Tk)))))
     # the dropless paths the torch backend takes on CPU tensors (on the GPU: for comparison)
     rows.append(("torch dropless gather (index_select)", gbs(moved, time_ms(
         lambda: torch_dropless.GatherPermuted.apply(x_TD, order_M, s.k)))))
@@ -161,7 +161,7 @@ def bench_dispatch(s: Shape, device: torch.device, dtype: torch.dtype, time_ms, 
             lambda: torch_dropless.CombinePermuted.apply(y_MD, order_M, w_Tk, embedding_bag)))))
     if use_triton:
         rows.append(("triton route (ms, not GB/s)", time_ms(lambda: kernels.route(idx_Tk, s.E))))
-    rows.append(("torch route (ms, not GB/s)", time_ms(lambda: torch_ref.route(idx_Tk, s.E))))
+    rows.append(("torch route (ms, not GB/s)", time_ms(lambda: torch_backend.route(idx_Tk, s.E))))
     return rows
 
 

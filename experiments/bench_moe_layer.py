@@ -152,15 +152,15 @@ def _hf_block(hf, impl: str):
 def _with_general_dispatch(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
     """fn run with the torch backend's general dispatch (index_copy / multiply / sum, what
     capacity dropping needs) in place of its dropless fast path: what the fast path saves."""
-    from moe_lm.ops import torch_ref
+    from moe_lm.ops import torch_backend
 
     def run_general() -> torch.Tensor:
-        default = torch_ref._dropless_fast_path
-        torch_ref._dropless_fast_path = lambda x, order_M, assignments: False
+        default = torch_backend._dropless_fast_path
+        torch_backend._dropless_fast_path = lambda x, order_M, assignments: False
         try:
             return fn()
         finally:
-            torch_ref._dropless_fast_path = default
+            torch_backend._dropless_fast_path = default
 
     return run_general
 
@@ -176,12 +176,12 @@ class _DenseWithRowMajorWeightGrads(torch.nn.Module):
         self.dense = dense
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        from moe_lm.ops import torch_ref
+        from moe_lm.ops import torch_backend
 
         d = self.dense
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         offs = torch.tensor([x_TD.shape[0]], dtype=torch.int32, device=x_TD.device)
-        a, b = torch_ref.grouped_mm_pair(x_TD, d.w1.weight.t().unsqueeze(0),
+        a, b = torch_backend.grouped_mm_pair(x_TD, d.w1.weight.t().unsqueeze(0),
                                          d.w3.weight.t().unsqueeze(0), offs)
         return d.w2(torch.nn.functional.silu(a) * b).view_as(x_BSD)
 

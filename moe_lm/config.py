@@ -14,6 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from moe_lm.errors import ConfigError
+from moe_lm.start_time import agreed_start_time
 
 
 @dataclass
@@ -44,9 +45,11 @@ class ExpertConfig:
     capacity_factor: float = 0.0  # 0 = dropless; else overflow tokens skip the experts
     num_shared: int = 0  # shared experts every token goes through
     backend: str = "torch"  # torch | triton | megablocks
-    router: str = "softmax"  # softmax | sigmoid | expert_choice
+    router: str = "softmax"  # softmax | sigmoid | expert_choice | group_limited
     jitter: float = 0.0  # multiplicative router input noise in training (Switch)
     bias_update_rate: float = 0.0  # > 0 enables aux-loss-free balancing (DeepSeek-V3)
+    num_groups: int = 1  # group_limited: experts split into this many groups (nodes)
+    topk_groups: int = 1  # group_limited: groups each token may route to
 
 
 @dataclass
@@ -204,8 +207,6 @@ def register_configs() -> None:
 def _run_start(pattern: str) -> str:
     """`${run_start:%H-%M-%S}`: like Hydra's `${now:...}`, but every rank of a torchrun job
     resolves the same start time, so all ranks share one run directory."""
-    from moe_lm.training.distributed import agreed_start_time
-
     return agreed_start_time().strftime(pattern)
 
 
@@ -238,8 +239,9 @@ def validate(cfg: TrainConfig) -> None:
     _check(e.capacity_factor >= 0, "expert.capacity_factor must be >= 0 (0 means dropless).")
     _check(e.backend in ("torch", "triton", "megablocks"),
            f"expert.backend={e.backend!r}: choose torch, triton or megablocks.")
-    _check(e.router in ("softmax", "sigmoid", "expert_choice"),
-           f"expert.router={e.router!r}: choose softmax, sigmoid or expert_choice.")
+    _check(e.router in ("softmax", "sigmoid", "expert_choice", "group_limited"),
+           f"expert.router={e.router!r}: choose softmax, sigmoid, expert_choice or group_limited.")
+    _check_groups(e)
     _check(e.router != "expert_choice" or e.capacity_factor > 0,
            "expert.router=expert_choice needs expert.capacity_factor > 0 (tokens per expert = "
            "capacity_factor * tokens * top_k / num_experts); set e.g. expert.capacity_factor=1.0.")
@@ -300,6 +302,25 @@ def validate(cfg: TrainConfig) -> None:
            f"{pl.memory_headroom} in [0, 1).")
     _check(cfg.logger.wandb.mode in ("online", "offline", "disabled"),
            "logger.wandb.mode: online, offline or disabled.")
+
+
+def _check_groups(e: ExpertConfig) -> None:
+    """expert.num_groups / topk_groups: group-limited routing only, and a selection that exists."""
+    if e.router != "group_limited":
+        _check(e.num_groups == 1 and e.topk_groups == 1,
+               f"expert.num_groups={e.num_groups} and expert.topk_groups={e.topk_groups} apply to "
+               "expert.router=group_limited only: set expert.router=group_limited (e.g. "
+               "expert=group_limited) or leave both at 1.")
+        return
+    G, g, E = e.num_groups, e.topk_groups, e.num_experts
+    _check(G >= 1 and E % G == 0 and E // G >= 2,
+           f"expert.num_groups={G} must divide expert.num_experts={E} into groups of at least 2 "
+           "experts (a group scores the sum of its top-2 experts): choose a divisor of "
+           f"num_experts up to {E // 2}.")
+    _check(1 <= g <= G, f"expert.topk_groups={g} must lie between 1 and expert.num_groups={G}.")
+    _check(e.top_k <= g * (E // G),
+           f"expert.top_k={e.top_k} exceeds the {g * (E // G)} experts of expert.topk_groups={g} "
+           f"groups of {E // G}: raise expert.topk_groups or lower expert.top_k.")
 
 
 def _check(ok: bool, message: str) -> None:

@@ -12,104 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-from dataclasses import asdict, dataclass
-from typing import Iterable, Iterator
 
-import numpy as np
-import torch
-
-from moe_lm.data import TokenLoader, prepare
-from moe_lm.data.corpus import user_source
-from moe_lm.errors import ConfigError, DataError
-from moe_lm.inference import LoadedModel, load_model
+from moe_lm.compress.quantize import quantize_experts_int8
+from moe_lm.inference import load_model
 from moe_lm.inference.cli import add_model_args, run_cli
-from moe_lm.inference.text import token_byte_lengths
-from moe_lm.model import Transformer
-from moe_lm.parallel.precision import Precision
-
-
-@dataclass
-class EvalResult:
-    """Loss over `tokens` predicted tokens that spell `bytes` bytes of text."""
-
-    loss: float  # mean nats per token
-    ppl: float
-    bits_per_byte: float
-    tokens: int
-    bytes: int
-    batches: int
-
-
-@torch.no_grad()
-def evaluate_batches(model: Transformer, batches: Iterable[torch.Tensor], byte_lengths: np.ndarray,
-                     precision: str = "fp32") -> EvalResult:
-    """Token-weighted mean loss over `(B, S+1)` batches (inputs `[:, :-1]`, targets `[:, 1:]`)."""
-    model.eval()
-    device = next(model.parameters()).device
-    lengths = torch.from_numpy(byte_lengths)
-    total_nats, n_tokens, n_bytes, n_batches = 0.0, 0, 0, 0
-    for batch in batches:
-        batch = batch.to(device)
-        targets = batch[:, 1:]
-        with Precision.resolve(precision, device.type).autocast(device.type):
-            out = model(batch[:, :-1], targets, return_logits=False)
-        total_nats += float(out.lm_loss) * targets.numel()
-        n_tokens += targets.numel()
-        n_bytes += int(lengths[targets.flatten().cpu()].sum())
-        n_batches += 1
-    if n_tokens == 0:
-        raise DataError("No batches to evaluate: the data is shorter than one window "
-                        "(data.seq_len + 1 tokens). Use more text or a smaller --seq-len.")
-    loss = total_nats / n_tokens
-    return EvalResult(loss, math.exp(min(loss, 50.0)), total_nats / math.log(2) / max(n_bytes, 1),
-                      n_tokens, n_bytes, n_batches)
-
-
-def val_split_batches(loaded: LoadedModel, num_batches: int | None = None) -> Iterator[torch.Tensor]:
-    """The run's fixed validation batches (what the training loop's evaluation sees)."""
-    cfg = loaded.cfg
-    shard_dir = prepare(cfg.data, loaded.tokenizer)
-    loader = TokenLoader(shard_dir, "val", cfg.data.seq_len, cfg.data.batch_size, cfg.trainer.seed)
-    return loader.val_batches(num_batches or cfg.trainer.eval_batches)
-
-
-def file_batches(loaded: LoadedModel, path: str, seq_len: int, batch_size: int,
-                 max_tokens: int | None = None) -> Iterator[torch.Tensor]:
-    """Every token of the named files in `(B, seq_len + 1)` windows (the last batch may be short)."""
-    tok = loaded.tokenizer
-    stream: list[int] = []
-    for doc in user_source(path).documents():
-        stream.extend(tok.encode(doc))
-        stream.append(tok.eot_id)
-        if max_tokens and len(stream) > max_tokens:
-            break
-    ids = np.asarray(stream[:max_tokens + 1] if max_tokens else stream, dtype=np.int64)
-    n_windows = (len(ids) - 1) // seq_len
-    if n_windows == 0:
-        raise DataError(f"{path} holds {len(ids)} tokens, fewer than one window of --seq-len "
-                        f"{seq_len} + 1. Use more text or a smaller --seq-len.")
-    windows = np.stack([ids[w * seq_len:w * seq_len + seq_len + 1] for w in range(n_windows)])
-    for start in range(0, n_windows, batch_size):
-        yield torch.from_numpy(windows[start:start + batch_size])
-
-
-def evaluate_loaded(loaded: LoadedModel, data: str | None = None, batches: int | None = None,
-                    seq_len: int | None = None, batch_size: int | None = None,
-                    precision: str | None = None, max_tokens: int | None = None) -> EvalResult:
-    """Evaluates a loaded model on its run's validation split, or on `data` files."""
-    cfg = loaded.cfg
-    lengths = token_byte_lengths(loaded.tokenizer, cfg.model.vocab_size)
-    if data is None:
-        if seq_len or batch_size:
-            raise ConfigError("--seq-len and --batch-size apply to --data files; the validation "
-                              "split is read with the run's data.seq_len and data.batch_size.")
-        source = val_split_batches(loaded, batches)
-    else:
-        source = file_batches(loaded, data, seq_len or cfg.data.seq_len,
-                              batch_size or cfg.data.batch_size, max_tokens)
-    return evaluate_batches(loaded.model, source, lengths, precision or cfg.trainer.precision)
+from moe_lm.inference.evaluate import evaluate_loaded, format_result, result_row
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,21 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     loaded = load_model(args.path, args.device, args.backend)
     if args.quantize == "int8":
-        from moe_lm.quantize import quantize_experts_int8
         quantize_experts_int8(loaded.model)
     result = evaluate_loaded(loaded, args.data, args.batches, args.seq_len, args.batch_size,
                              args.precision, args.max_tokens)
-    row = {"checkpoint": str(loaded.ckpt.path), "step": loaded.ckpt.step,
-           "data": args.data or "val split", "quantize": args.quantize, **asdict(result)}
-    if args.json:
-        print(json.dumps(row))
-    else:
-        print(f"checkpoint   {row['checkpoint']} (step {row['step']})")
-        print(f"data         {row['data']}: {result.tokens} tokens, {result.bytes} bytes, "
-              f"{result.batches} batches")
-        print(f"loss         {result.loss:.4f} nats/token")
-        print(f"perplexity   {result.ppl:.2f}")
-        print(f"bits/byte    {result.bits_per_byte:.4f}")
+    row = result_row(loaded, result, args.data, args.quantize)
+    print(json.dumps(row) if args.json else format_result(row))
     return 0
 
 

@@ -1,14 +1,9 @@
 """Expert pruning: `python -m moe_lm.prune <run dir or checkpoint> --keep K [--out DIR]`.
 
-Legend: E experts before, K kept, D model width, F expert hidden size.
-
-Usage is measured on the run's validation batches: how many tokens the router sends to each
-expert of each MoE layer. Each layer keeps its K most used experts (in their original order, so
-K = E changes nothing), and the router keeps the matching rows of its gate, so every token now
-picks its top-k among the survivors (top-k becomes min(top_k, K)). The smaller model is written
-as a new run directory (`.hydra/config.yaml` with `expert.num_experts=K` and a
-`checkpoints/step_N/` in the usual format) that eval, generate, quantize and export_hf load like
-any other. The command prints the validation perplexity before and after: what pruning cost.
+Each MoE layer keeps its K most used experts (usage measured on the run's validation batches) and
+the router the matching gate rows; the smaller model is written as a new run directory that eval,
+generate, quantize and export_hf load like any other (see `moe_lm.compress.prune`). The command
+prints the validation perplexity before and after: what pruning cost.
 """
 
 from __future__ import annotations
@@ -16,88 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
-from typing import Iterable
 
-import torch
-from omegaconf import OmegaConf
-
-from moe_lm.config import TrainConfig
-from moe_lm.errors import ConfigError
-from moe_lm.inference import LoadedModel, load_model
+from moe_lm.compress.prune import check_keep, default_out_dir, format_row, prune_run
+from moe_lm.inference import load_model
 from moe_lm.inference.cli import add_model_args, run_cli
-from moe_lm.model import MoE, Transformer
-from moe_lm.training.checkpoint import save_checkpoint
-from moe_lm.parallel.precision import Precision
-from moe_lm.training.optim import build_optimizer
-
-
-@torch.no_grad()
-def expert_usage(model: Transformer, batches: Iterable[torch.Tensor],
-                 precision: str = "fp32") -> list[torch.Tensor]:
-    """Tokens routed to each expert, per MoE layer: a list of (E,) counts (eval mode, dropless)."""
-    model.eval()
-    device = next(model.parameters()).device
-    usage: list[torch.Tensor] = []
-    for batch in batches:
-        batch = batch.to(device)
-        with Precision.resolve(precision, device.type).autocast(device.type):
-            out = model(batch[:, :-1], batch[:, 1:], return_logits=False)
-        counts = [s.tokens_per_expert.detach().float().cpu() for s in out.moe_stats]
-        usage = counts if not usage else [u + c for u, c in zip(usage, counts)]
-    return usage
-
-
-def kept_experts(usage_E: torch.Tensor, keep: int) -> torch.Tensor:
-    """Indices of the `keep` most used experts, ascending (ties go to the lower index)."""
-    order = sorted(range(len(usage_E)), key=lambda e: (-float(usage_E[e]), e))
-    return torch.tensor(sorted(order[:keep]), dtype=torch.long)
-
-
-@torch.no_grad()
-def prune_model(model: Transformer, cfg: TrainConfig, usage: list[torch.Tensor],
-                keep: int) -> tuple[Transformer, TrainConfig, list[torch.Tensor]]:
-    """A new model with each MoE layer cut to its `keep` most used experts; returns it, its
-    config and the kept expert indices of every MoE layer."""
-    E = cfg.expert.num_experts
-    if not 1 <= keep <= E:
-        raise ConfigError(f"--keep {keep}: choose between 1 and the model's {E} experts.")
-    expert_cfg = replace(cfg.expert, num_experts=keep, top_k=min(cfg.expert.top_k, keep))
-    new_cfg = replace(cfg, expert=expert_cfg)
-    new_model = Transformer(new_cfg.model, new_cfg.expert, new_cfg.loss)
-    state = model.state_dict()
-    moe_names = [name for name, m in model.named_modules() if isinstance(m, MoE)]
-    kept = [kept_experts(u, keep) for u in usage]
-    for name, idx_K in zip(moe_names, kept):
-        for key in ("router.gate.weight", "router.score_bias", "experts.w1_EDF", "experts.w3_EDF",
-                    "experts.w2_EFD"):
-            full = f"{name}.{key}"
-            state[full] = state[full].index_select(0, idx_K.to(state[full].device))
-    new_model.load_state_dict(state)
-    return new_model.to(next(model.parameters()).device).eval(), new_cfg, kept
-
-
-def save_pruned(loaded: LoadedModel, model: Transformer, cfg: TrainConfig, out_dir: Path) -> Path:
-    """Writes `out_dir` as a run directory holding the pruned model's checkpoint and config."""
-    out_dir = Path(out_dir)
-    if (out_dir / "checkpoints").exists():
-        raise ConfigError(f"{out_dir} already holds checkpoints; choose a new --out directory.")
-    hydra_dir = out_dir / ".hydra"
-    hydra_dir.mkdir(parents=True, exist_ok=True)
-    source_cfg = loaded.run_dir / ".hydra" / "config.yaml" if loaded.run_dir else None
-    run_cfg = (OmegaConf.load(source_cfg) if source_cfg and source_cfg.is_file()
-               else OmegaConf.structured(loaded.cfg))
-    run_cfg.expert.num_experts = cfg.expert.num_experts
-    run_cfg.expert.top_k = cfg.expert.top_k
-    OmegaConf.save(run_cfg, hydra_dir / "config.yaml")
-    identity = {**loaded.ckpt.meta["identity"], "num_experts": cfg.expert.num_experts}
-    state_file = loaded.ckpt.path / "trainer_state.pt"
-    trainer_state = (torch.load(state_file, weights_only=False) if state_file.is_file()
-                     else {"step": loaded.ckpt.step})
-    optimizer = build_optimizer(model, cfg.optim)  # fresh: the format holds optimizer state
-    return save_checkpoint(out_dir, loaded.ckpt.step, model, optimizer, trainer_state, identity,
-                           keep_last=1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,38 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Measures usage, prunes, saves, and prints the perplexity it cost."""
-    from moe_lm.eval import evaluate_batches, val_split_batches
-    from moe_lm.inference.text import token_byte_lengths
-
     args = build_parser().parse_args(argv)
     loaded = load_model(args.path, args.device, args.backend)
-    E = loaded.cfg.expert.num_experts
-    if not 1 <= args.keep <= E:
-        raise ConfigError(f"--keep {args.keep}: choose between 1 and the model's {E} experts.")
-    base = loaded.run_dir or loaded.ckpt.path
-    out_dir = Path(args.out) if args.out else base.parent / f"{base.name}_keep{args.keep}"
-    lengths = token_byte_lengths(loaded.tokenizer, loaded.cfg.model.vocab_size)
-    usage = expert_usage(loaded.model, val_split_batches(loaded, args.batches))
-    before = evaluate_batches(loaded.model, val_split_batches(loaded, args.batches), lengths)
-    model, cfg, kept = prune_model(loaded.model, loaded.cfg, usage, args.keep)
-    after = evaluate_batches(model, val_split_batches(loaded, args.batches), lengths)
-    ckpt = save_pruned(loaded, model, cfg, out_dir)
-    kept_share = [float(u[k].sum() / u.sum().clamp_min(1)) for u, k in zip(usage, kept)]
-    row = {"out": str(ckpt), "experts": E, "keep": args.keep, "top_k": cfg.expert.top_k,
-           "kept_experts": [k.tolist() for k in kept], "kept_usage_share": kept_share,
-           "params_before": sum(p.numel() for p in loaded.model.parameters()),
-           "params_after": sum(p.numel() for p in model.parameters()),
-           "loss_before": before.loss, "loss_after": after.loss,
-           "ppl_before": before.ppl, "ppl_after": after.ppl}
-    if args.json:
-        print(json.dumps(row))
-        return 0
-    print(f"pruned {E} -> {args.keep} experts per MoE layer (top_k {cfg.expert.top_k}); saved {ckpt}")
-    for i, (k, share) in enumerate(zip(kept, kept_share)):
-        print(f"  MoE layer {i}: kept experts {k.tolist()} ({share:.1%} of routed tokens)")
-    print(f"parameters   {row['params_before']:,} -> {row['params_after']:,}")
-    print(f"val loss     {before.loss:.4f} -> {after.loss:.4f} ({after.loss - before.loss:+.4f})")
-    print(f"perplexity   {before.ppl:.3f} -> {after.ppl:.3f} ({after.ppl / before.ppl - 1:+.2%})")
+    check_keep(loaded, args.keep)
+    out_dir = Path(args.out) if args.out else default_out_dir(loaded, args.keep)
+    row = prune_run(loaded, args.keep, out_dir, args.batches)
+    print(json.dumps(row) if args.json else format_row(row))
     return 0
 
 

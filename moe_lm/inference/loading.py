@@ -1,28 +1,21 @@
 """Loading a trained model for inference: from a run directory or one checkpoint directory.
 
-A checkpoint's `meta.json` says what model it holds (`identity`: the model config, the expert count
-and width, the tokenizer); the run's `.hydra/config.yaml` supplies the rest (router, top-k, data,
-precision). Only the model's weights are read from the DCP files; the optimizer state is left on
-disk. `resolve_checkpoint` accepts either path, so every tool takes `<run dir or checkpoint>`.
+`moe_lm.training.trained_model` rebuilds the model from its checkpoint; this adds the tokenizer
+the tools need to run it on text.
 """
 
 from __future__ import annotations
 
-import json
-import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
-from omegaconf import OmegaConf
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-from moe_lm.config import ModelConfig, TrainConfig, to_train_config
+from moe_lm.config import TrainConfig
 from moe_lm.data import Tokenizer, get_tokenizer
-from moe_lm.errors import CheckpointError, ConfigError, MoeLMError
 from moe_lm.model import Transformer
-from moe_lm.training.checkpoint import Checkpoint, list_checkpoints
+from moe_lm.training.checkpoint import Checkpoint
+from moe_lm.training.trained_model import load_trained_model
 
 
 @dataclass
@@ -37,99 +30,12 @@ class LoadedModel:
     device: torch.device
 
 
-def resolve_checkpoint(path: str | Path) -> tuple[Checkpoint, Path | None]:
-    """A checkpoint directory as given, or the newest complete checkpoint of a run directory.
-
-    Returns the checkpoint and its run directory (`<run>/checkpoints/step_N` -> `<run>`).
-    """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist. Pass a run directory (the hydra.run.dir of "
-                              "a training run) or one of its checkpoints/step_NNNNNNN directories.")
-    if (path / "meta.json").is_file():
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
-        if run_dir is not None:
-            for ckpt in list_checkpoints(run_dir, warn=False):
-                if ckpt.path.resolve() == path.resolve():
-                    return ckpt, run_dir
-            raise CheckpointError(f"{path} is incomplete (its files do not match its meta.json: "
-                                  "truncated or missing). Use another checkpoint of the run.")
-        try:
-            meta = json.loads((path / "meta.json").read_text())
-            return Checkpoint(path, int(meta["step"]), meta), None
-        except (ValueError, KeyError) as err:
-            raise CheckpointError(f"{path}/meta.json is unreadable ({err}); the checkpoint is "
-                                  "incomplete. Use another checkpoint of the run.") from err
-    ckpts = list_checkpoints(path)
-    if not ckpts:
-        raise CheckpointError(
-            f"{path} holds no complete checkpoint (expected {path}/checkpoints/step_NNNNNNN/ with a "
-            "meta.json, or a checkpoint directory itself). Train with trainer.ckpt_every set, or "
-            "pass the checkpoint directory.")
-    return ckpts[0], path
-
-
-def config_for_checkpoint(ckpt: Checkpoint, run_dir: Path | None) -> TrainConfig:
-    """The run's config (from `.hydra/config.yaml`) with the model shape the checkpoint records."""
-    cfg_file = run_dir / ".hydra" / "config.yaml" if run_dir else None
-    if cfg_file is not None and cfg_file.is_file():
-        try:
-            cfg = to_train_config(OmegaConf.load(cfg_file))
-        except MoeLMError:
-            raise
-        except Exception as err:
-            raise ConfigError(f"Could not read the run config {cfg_file} ({err}). Fix or restore "
-                              "that file (it is written by python -m moe_lm.train).") from err
-    else:
-        warnings.warn(f"no .hydra/config.yaml found for {ckpt.path}; router, top-k and data "
-                      "settings take their defaults.", stacklevel=2)
-        cfg = TrainConfig()
-    identity = ckpt.meta.get("identity")
-    if not identity or "model" not in identity:
-        raise CheckpointError(f"{ckpt.path}/meta.json has no model identity; it was not written by "
-                              "moe_lm's checkpointing. Use a checkpoint of a moe_lm run.")
-    model_cfg = ModelConfig(**identity["model"])
-    expert_cfg = replace(cfg.expert, num_experts=identity["num_experts"],
-                         hidden_size=identity["expert_hidden"], num_shared=identity["num_shared"])
-    expert_cfg = replace(expert_cfg, top_k=min(expert_cfg.top_k, expert_cfg.num_experts))
-    data_cfg = replace(cfg.data, tokenizer=identity["tokenizer"])
-    return replace(cfg, model=model_cfg, expert=expert_cfg, data=data_cfg)
-
-
-def pick_device(name: str) -> torch.device:
-    """`auto` is CUDA where present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda but no CUDA device is visible: use --device cpu.")
-    return torch.device(name)
-
-
 def load_model(path: str | Path, device: str = "auto", backend: str | None = None) -> LoadedModel:
     """Builds the checkpoint's model and loads its weights (model state only), in eval mode.
 
     `backend` picks the expert backend; by default the run's on CUDA and `torch` on CPU.
     """
-    ckpt, run_dir = resolve_checkpoint(path)
-    cfg = config_for_checkpoint(ckpt, run_dir)
-    dev = pick_device(device)
-    chosen = backend or (cfg.expert.backend if dev.type == "cuda" else "torch")
-    cfg = replace(cfg, expert=replace(cfg.expert, backend=chosen))
-    tokenizer = get_tokenizer(cfg.data.tokenizer)
-    model = Transformer(cfg.model, cfg.expert, cfg.loss)
-    load_model_weights(ckpt, model)
-    return LoadedModel(model.to(dev).eval(), cfg, tokenizer, ckpt, run_dir, dev)
-
-
-def load_model_weights(ckpt: Checkpoint, model: torch.nn.Module) -> None:
-    """Reads the model's parameters and buffers from a DCP checkpoint into `model`, in place."""
-    state = {"model": get_model_state_dict(model)}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, checkpoint_id=str(ckpt.path))
-        set_model_state_dict(model, state["model"])
-    except Exception as err:  # DCP raises many types; report one clearly
-        raise CheckpointError(
-            f"Could not load the model weights of {ckpt.path} ({type(err).__name__}: {err}). The "
-            "files may be truncated, or the model code no longer matches the checkpoint.") from err
+    trained = load_trained_model(path, device, backend)
+    tokenizer = get_tokenizer(trained.cfg.data.tokenizer)
+    return LoadedModel(trained.model, trained.cfg, tokenizer, trained.ckpt, trained.run_dir,
+                       trained.device)

@@ -106,7 +106,7 @@ def fused_linear_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N
 
     On a GPU (the defaults): chunks of 4096 rows, and the vocabulary padded to a multiple of
     128 inside the matmuls. cuBLAS has no Hopper kernel for a leading dimension like cl100k's
-    100277 and falls back to much slower ones (experiments/results/moved_from_comments.md); the
+    100277 and falls back to far slower ones (experiments/results/gpu_h200_2026-11-26.md); the
     padded rows are zero and their logits -inf."""
     device_type = h_ND.device.type
     gpu = device_type == "cuda"

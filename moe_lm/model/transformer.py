@@ -16,6 +16,7 @@ from torch import nn
 from moe_lm.config import ExpertConfig, LossConfig, ModelConfig
 from moe_lm.model.losses import fused_linear_cross_entropy
 from moe_lm.model.moe import MoE, MoEStats, SwiGLU
+from moe_lm.model.routers import Router
 from moe_lm.model.terms import Terms, mean_terms
 
 
@@ -149,7 +150,7 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
         for module in self.modules():  # buffers that are state, not parameters
-            if hasattr(module, "score_bias"):
+            if isinstance(module, Router):
                 module.score_bias.zero_()
 
     def forward(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | None = None,

@@ -14,8 +14,17 @@ from moe_lm.model.terms import LossTerm, Terms
 from moe_lm.objectives.distill import distill_kl
 from moe_lm.objectives.mtp import MTPHeads
 from moe_lm.training import distributed as dist_utils
+from moe_lm.training.trained_model import load_trained_model
 
-__all__ = ["ExtraObjectives", "MTPHeads", "distill_kl"]
+__all__ = ["ExtraObjectives", "MTPHeads", "distill_kl", "objective_term_names"]
+
+DISTILL_TERM, MTP_TERM = "distill_kl", "mtp_loss"  # the names their values are logged under
+
+
+def objective_term_names(loss_cfg) -> list[str]:
+    """The loss terms the configured extra objectives add (what `ExtraObjectives` returns)."""
+    return ([DISTILL_TERM] if loss_cfg.distill_coef > 0 else []) + \
+        ([MTP_TERM] if loss_cfg.mtp_coef > 0 else [])
 
 
 class ExtraObjectives:
@@ -31,12 +40,12 @@ class ExtraObjectives:
         self.teacher: Transformer | None = None
         self.mtp: MTPHeads | None = None
         if cfg.loss.distill_coef > 0:
-            from moe_lm.inference import load_model  # the teacher is a trained checkpoint
-            teacher = load_model(cfg.loss.distill_teacher, device=device.type,
-                                 backend=cfg.expert.backend)
-            if teacher.tokenizer.name != tokenizer_name:
+            teacher = load_trained_model(cfg.loss.distill_teacher, device=device.type,
+                                         backend=cfg.expert.backend)
+            teacher_tokenizer = teacher.cfg.data.tokenizer  # its checkpoint's canonical name
+            if teacher_tokenizer != tokenizer_name:
                 raise ConfigError(f"The teacher {cfg.loss.distill_teacher} uses tokenizer "
-                                  f"{teacher.tokenizer.name}, the student {tokenizer_name}: "
+                                  f"{teacher_tokenizer}, the student {tokenizer_name}: "
                                   "distillation needs the same tokenizer (data.tokenizer).")
             if teacher.cfg.model.vocab_size != cfg.model.vocab_size:
                 raise ConfigError(f"The teacher's model.vocab_size ({teacher.cfg.model.vocab_size})"
@@ -64,8 +73,8 @@ class ExtraObjectives:
                 teacher_out = self.teacher(batch_BS1[:, :-1], batch_BS1[:, 1:], return_logits=False)
             kl = distill_kl(out.hidden.flatten(0, 1), model.head_weight_VD,
                             teacher_out.hidden.flatten(0, 1), self.teacher.head_weight_VD, T)
-            terms["distill_kl"] = LossTerm(kl, self.loss_cfg.distill_coef * T * T)
+            terms[DISTILL_TERM] = LossTerm(kl, self.loss_cfg.distill_coef * T * T)
         if self.mtp is not None:
             mtp_loss = self.mtp.loss(model, batch_BS1, out.hidden)
-            terms["mtp_loss"] = LossTerm(mtp_loss, self.loss_cfg.mtp_coef)
+            terms[MTP_TERM] = LossTerm(mtp_loss, self.loss_cfg.mtp_coef)
         return terms

@@ -1,28 +1,32 @@
 """The ops layer: the one seam (`get_backend`) through which the MoE layer runs dispatch and experts.
 
-A backend provides the kernel API of design section 3: `route`, `gather`, `scatter`, `grouped_mm`.
+Every backend implements `moe_lm.ops.backend.ExpertBackend` in full; `BACKENDS` is the registry of
+`expert.backend` values. `moe_lm.ops.reference` is the plain version the tests check them against.
 """
 
 from __future__ import annotations
 
-from types import ModuleType
+from typing import Callable
 
 from moe_lm.errors import ConfigError
+from moe_lm.ops.backend import ExpertBackend
+from moe_lm.ops.megablocks_ops import MegaBlocksBackend
+from moe_lm.ops.torch_backend import TorchBackend
+from moe_lm.ops.triton_ops import TritonBackend
+
+BACKENDS: dict[str, Callable[[], ExpertBackend]] = {
+    "torch": TorchBackend,
+    "triton": TritonBackend,
+    "megablocks": MegaBlocksBackend,  # megablocks itself is imported when the backend is built
+}
 
 
-def get_backend(name: str) -> ModuleType:
-    """Returns the module implementing the kernel API for `expert.backend=name`."""
-    if name == "torch":
-        from moe_lm.ops import torch_ref
+def get_backend(name: str) -> ExpertBackend:
+    """The backend for `expert.backend=name`; ConfigError naming the choices for any other name."""
+    if name not in BACKENDS:
+        *rest, last = BACKENDS
+        raise ConfigError(f"expert.backend={name!r}: choose {', '.join(rest)} or {last}.")
+    return BACKENDS[name]()
 
-        torch_ref.probe_native_support()
-        return torch_ref
-    if name == "triton":
-        from moe_lm.ops import triton_ops
 
-        return triton_ops
-    if name == "megablocks":
-        from moe_lm.ops import megablocks_ops
-
-        return megablocks_ops
-    raise ConfigError(f"expert.backend={name!r}: choose torch, triton or megablocks.")
+__all__ = ["BACKENDS", "ExpertBackend", "get_backend"]

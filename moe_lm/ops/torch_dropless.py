@@ -8,17 +8,17 @@ With a full permutation each token's k rows are a fixed-size "bag": the combine 
 pass, fp32 accumulation) and, on GPU (where embedding_bag is slow), a row gather and a
 (1 x k) @ (k x D) batched product per token (fp32 accumulation). The gather's backward sums each
 token's k rows with a row gather and plain adds, rounded to nearest-even like autograd's sum (an
-unweighted bf16 `embedding_bag` would take 0.8 ms instead of 2.0 at T=4096, k=2, D=512, but it
-rounds ties away from zero, and sums of two bf16 values tie often: 11% of the elements, a
-systematic magnitude bias). No zero-filled buffers, no index_copy, no sums over the middle dim
-of a (T, k, D) tensor.
+unweighted bf16 `embedding_bag` is faster, but it rounds ties away from zero, and sums of two
+bf16 values tie often: a systematic magnitude bias in every gradient through the layer). No
+zero-filled buffers, no index_copy, no sums over the middle dim of a (T, k, D) tensor.
 
 Row-aligned groups (`route_aligned`): `order` may also hold padding entries, values >= A, placed
 after the real rows of each expert so that every expert's row count is a multiple of `align`.
 Gather gives zero rows for them, scatter ignores them. On CPU the weight-gradient GEMMs reduce
 over an expert's rows, and with a transposed view as left operand (w2's, from autograd) a ragged
-row count makes them up to 1.4x slower (bf16, 1088 rows: 1.86 ms, 1040: 2.56 ms; row-major, as
-GroupedMMPair's: 1.22 and 1.25 ms); the padding costs at most align - 1 rows per expert.
+row count makes them markedly slower (row-major ones, as GroupedMMPair's, hardly care); the
+padding costs at most align - 1 rows per expert. (Measurements: experiments/results/
+cpu_bench_2026-11-26_session2.md and _session3.md, moved_from_comments.md.)
 """
 
 from __future__ import annotations
@@ -26,17 +26,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-MAX_ALIGN = 32  # rows; the layer measured fastest with 32 (1, 16, 32, 64 and 128 were tried)
+MAX_ALIGN = 32  # rows; the fastest of the alignments tried (experiments/results/cpu_bench_*)
 
 
-def row_alignment(x_TD: torch.Tensor, top_k: int, num_experts: int) -> int:
-    """Row alignment of the expert groups for this batch: 1 (none) off the CPU and under
-    `torch.compile` (its row count would depend on the data), else the largest power of two up
-    to 32 that keeps the expected padding (align / 2 rows per expert) within 1/32 of the rows."""
-    if x_TD.device.type != "cpu" or torch.compiler.is_compiling():
+def row_alignment(rows_T: torch.Tensor, top_k: int, num_experts: int) -> int:
+    """Row alignment of the expert groups for a batch of T tokens (`rows_T`: any tensor of the
+    batch with T rows, e.g. x or the expert ids): 1 (none) off the CPU and under `torch.compile`
+    (its row count would depend on the data), else the largest power of two up to 32 that keeps
+    the expected padding (align / 2 rows per expert) within 1/32 of the rows."""
+    if rows_T.device.type != "cpu" or torch.compiler.is_compiling():
         return 1
     align = MAX_ALIGN
-    while align > 1 and align * num_experts * 16 > x_TD.shape[0] * top_k:
+    while align > 1 and align * num_experts * 16 > rows_T.shape[0] * top_k:
         align //= 2
     return align if align >= 16 else 1
 

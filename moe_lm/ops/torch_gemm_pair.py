@@ -7,9 +7,9 @@ by group, and in each group:
 - the input gradient `da @ w_a^T + db @ w_b^T`: written by one matmul, the other accumulated in
   place with `addmm` (the same speed as a plain matmul), not two products and an add;
 - the weight gradients `x_e^T @ da` and `x_e^T @ db`, in bf16 from one copy of `x_e^T`: a bf16
-  matmul whose left operand is a transposed view takes a slower path (1088 x 512 by 1088 x 1024:
-  1.8 ms against 1.1 ms row-major), and transposing the group's 1 MB (while it sits in cache,
-  0.45 ms) pays for itself with the first of the two products.
+  matmul whose left operand is a transposed view takes a slower path than a row-major one, and
+  transposing the group's rows (while they sit in cache) pays for itself with the first of the
+  two products (measured: experiments/results/cpu_bench_2026-11-26_session3.md).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 # dtypes whose weight gradients run faster from a transposed copy (measured per expert, two
-# products from one copy against two from the view: bf16 2.4 vs 3.3 ms; fp32 17.0 vs 14.5 and
-# fp16 14.8 vs 14.2: slower, so those keep the view)
+# products from one copy against two from the view, in cpu_bench_2026-11-26_session3.md: faster
+# in bf16 only; fp32 and fp16 keep the view)
 COPY_TRANSPOSED_DTYPES = (torch.bfloat16,)
 
 

@@ -1,7 +1,7 @@
 """The `triton` backend: moe_lm.kernels wrapped as differentiable `torch.library` custom ops.
 
 Legend: T tokens, k assignments per token, M kept assignments (<= T*k), E experts, D/K/N widths.
-Same signatures and semantics as `moe_lm.ops.torch_ref` (design section 3). Every op has a fake
+Same signatures and semantics as `moe_lm.ops.reference` (the kernel API of `moe_lm.ops.backend.ExpertBackend`). Every op has a fake
 (meta) implementation, so models run on the meta device and trace under `torch.compile`; the
 kernels themselves are opaque to the compiler. Backward passes are custom ops of their own.
 """
@@ -12,6 +12,7 @@ import torch
 
 from moe_lm import kernels
 from moe_lm.errors import ConfigError
+from moe_lm.ops.backend import ExpertBackend
 
 _NS = "moe_lm_triton"
 
@@ -185,3 +186,13 @@ _grouped_mm.register_autograd(_grouped_mm_grad, setup_context=_grouped_mm_setup)
 def grouped_mm(x_TK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
     """`torch._grouped_mm` semantics for 2D x 3D: rows offs[e-1]:offs[e] of x times w[e]."""
     return _grouped_mm(x_TK, w_EKN, offs_E.to(torch.int32))
+
+
+class TritonBackend(ExpertBackend):
+    """`expert.backend=triton`: the custom ops above behind the backend seam."""
+
+    name = "triton"
+    route = staticmethod(route)
+    gather = staticmethod(gather)
+    scatter = staticmethod(scatter)
+    grouped_mm = staticmethod(grouped_mm)

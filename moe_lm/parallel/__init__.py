@@ -6,7 +6,8 @@
 """
 
 from moe_lm.parallel.checkpointing import apply_activation_checkpointing
-from moe_lm.parallel.expert_parallel import MoEParallel, all_to_all_rows, distribute_experts
+from moe_lm.parallel.expert_parallel import (ExpertParallelDispatcher, all_to_all_rows,
+                                             distribute_experts)
 from moe_lm.parallel.fsdp import clip_grad_norm_, parallelize
 from moe_lm.parallel.mesh import (
     MESH_DIMS,
@@ -19,7 +20,7 @@ from moe_lm.parallel.mesh import (
 from moe_lm.parallel.seeded_init import init_on_device, seeded_init
 
 __all__ = [
-    "MESH_DIMS", "MoEParallel", "all_to_all_rows", "apply_activation_checkpointing",
+    "ExpertParallelDispatcher", "MESH_DIMS", "all_to_all_rows", "apply_activation_checkpointing",
     "build_mesh", "clip_grad_norm_", "data_parallel_size", "dense_mesh", "distribute_experts",
     "expert_fsdp_mesh", "init_on_device", "parallelize", "seeded_init", "validate_layout",
 ]

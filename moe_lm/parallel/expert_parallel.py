@@ -9,7 +9,7 @@ P EP ranks, R rows received from all EP ranks, D model width.
     combine:  un-permute -> all_to_all_single back -> x_MD order, combined by the MoE layer
 
 Dropless: every routed row reaches its expert; the buffers are sized by the exchanged counts.
-The same object also makes the switch balance loss see the whole data-parallel batch (global
+The same dispatcher also makes the switch balance loss see the whole data-parallel batch (global
 expert fractions), so that N ranks with batch B train exactly like one process with batch N*B.
 """
 
@@ -19,7 +19,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import Shard, distribute_tensor
+
+from moe_lm.model.dispatch import Dispatcher
+from moe_lm.model.router_losses import load_balance_loss
+from moe_lm.ops import ExpertBackend
 
 
 class _AllToAll(torch.autograd.Function):
@@ -47,8 +51,11 @@ def all_to_all_rows(x_ND: torch.Tensor, out_splits: list[int], in_splits: list[i
     return _AllToAll.apply(x_ND, out_splits, in_splits, group)
 
 
-class MoEParallel:
-    """What a MoE layer needs to run across ranks; attached as `moe.parallel` by `parallelize`.
+class ExpertParallelDispatcher(Dispatcher):
+    """A MoE layer's dispatch across ranks; given to each layer by `parallelize`.
+
+    The rows keep their real counts (no padding rows: those would travel and be counted by the
+    all-to-all split sizes), whether or not an EP group splits the experts.
 
     Args:
         num_experts: E, the global number of experts.
@@ -65,13 +72,17 @@ class MoEParallel:
 
     # ------------------------------------------------------------------ balance loss
 
-    def balance_loss(self, probs_TE: torch.Tensor, expert_idx_Tk: torch.Tensor) -> torch.Tensor:
+    def balance_loss(self, probs_TE: torch.Tensor, expert_idx_Tk: torch.Tensor,
+                     seq_len: int | None) -> torch.Tensor:
         """Switch loss E * sum_i f_i * P_i with f_i over the whole data-parallel batch.
 
         P_i is this rank's mean router probability; averaging the ranks' losses (what gradient
         averaging does) gives E * sum_i f_i * mean_ranks(P_i): the single-process loss of the
         concatenated batch. f is counts, outside the gradient, so one all-reduce of E+1 numbers.
+        The per-sequence variant (`seq_len`) needs no other rank's counts.
         """
+        if seq_len is not None:
+            return load_balance_loss(probs_TE, expert_idx_Tk, seq_len)
         E = self.num_experts
         flat = expert_idx_Tk.reshape(-1)
         counts = torch.zeros(E + 1, device=flat.device, dtype=torch.float32)
@@ -85,7 +96,7 @@ class MoEParallel:
     # ------------------------------------------------------------------ expert computation
 
     def run_experts(self, experts: nn.Module, x_MD: torch.Tensor, counts_E: torch.Tensor,
-                    backend) -> torch.Tensor:
+                    backend: ExpertBackend) -> torch.Tensor:
         """y_MD = experts(x_MD) where row block e of x (counts_E[e] rows) goes to expert e,
         wherever that expert lives. Without an EP group this is the local grouped GEMM."""
         if self.ep_group is None:
@@ -134,7 +145,3 @@ def distribute_experts(experts: nn.Module, ep_mesh: DeviceMesh) -> None:
         dt = distribute_tensor(param.detach(), ep_mesh, [Shard(0)], src_data_rank=None)
         experts.register_parameter(name, nn.Parameter(dt, requires_grad=param.requires_grad))
 
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """This rank's block of a DTensor (differentiably); a plain tensor unchanged."""
-    return t.to_local() if isinstance(t, DTensor) else t

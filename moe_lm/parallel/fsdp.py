@@ -25,7 +25,7 @@ from torch.distributed.tensor import DTensor, Shard
 from moe_lm.config import TrainConfig
 from moe_lm.errors import ConfigError
 from moe_lm.parallel.checkpointing import apply_activation_checkpointing
-from moe_lm.parallel.expert_parallel import MoEParallel, distribute_experts
+from moe_lm.parallel.expert_parallel import ExpertParallelDispatcher, distribute_experts
 from moe_lm.parallel.mesh import dense_mesh, expert_fsdp_mesh
 from moe_lm.parallel.precision import Precision
 
@@ -73,7 +73,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: TrainConfig,
                 moe.experts.set_gradient_divide_factor(float(world))
                 if sum_only and dp_shard > 1:  # (with one shard torch already divides once)
                     moe.experts.set_force_sum_reduction_for_comms(True)
-            moe.parallel = MoEParallel(moe.cfg.num_experts, dist.group.WORLD, ep_group)
+            moe.set_dispatcher(ExpertParallelDispatcher(moe.cfg.num_experts, dist.group.WORLD,
+                                                        ep_group))
         fully_shard(block, mesh=dense_mesh(mesh), mp_policy=mp)
     fully_shard(model, mesh=dense_mesh(mesh), mp_policy=mp)
     return model

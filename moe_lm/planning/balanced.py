@@ -1,14 +1,16 @@
 """Balanced routing for shape-only passes (meta or fake tensors): what planning assumes.
 
 A meta or fake tensor has a shape but no values, so the data-dependent steps of the MoE layer
-cannot run: how many tokens each expert gets (`route`'s bincount), the all-to-all split sizes, the
-per-expert loop of a grouped GEMM. The planner and the dry run replace exactly those, at the two
-seams the layer already has, with the balanced case (every expert gets T*k/E rows, every EP rank
-sends and receives the same number of rows); everything else runs the real layers.
+cannot run: how many tokens each expert gets (`route`'s counts), the all-to-all split sizes, the
+per-expert loop of a grouped GEMM. The planner and the dry run give every MoE layer a balanced
+dispatcher (`use_balanced_routing`) that replaces exactly those with the balanced case (every
+expert gets T*k/E rows, every EP rank sends and receives the same number of rows); everything
+else runs the real layers.
 
-- `BalancedBackend` wraps a layer's `expert.backend`: balanced `route`, a shape-only `grouped_mm`
-  (same output and saved tensors as the real one), the reference gather/scatter.
-- `BalancedMoEParallel` replaces `moe.parallel` (expert parallelism): split sizes from shapes.
+- `BalancedBackend`: balanced `route`, a shape-only `grouped_mm` (same output and saved tensors
+  as the real one), the torch backend's gather/scatter; whatever `expert.backend` says.
+- `BalancedDispatcher` (one process) and `BalancedExpertParallelDispatcher` (split sizes from
+  shapes) run the layer on it.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import torch
 from torch import nn
 
 from moe_lm.model import MoE
-from moe_lm.ops import torch_ref
-from moe_lm.parallel.expert_parallel import MoEParallel
+from moe_lm.model.dispatch import Dispatcher, LocalDispatcher
+from moe_lm.model.routing import ExpertGroups, Routing
+from moe_lm.ops import ExpertBackend, torch_backend
+from moe_lm.parallel.expert_parallel import ExpertParallelDispatcher
 
 
 def balanced_counts(num_rows: int, num_experts: int, device) -> torch.Tensor:
@@ -42,28 +46,39 @@ class _ShapeOnlyGroupedMM(torch.autograd.Function):
         return x_TK.new_empty(x_TK.shape), w_EKN.new_empty(w_EKN.shape), None
 
 
-class BalancedBackend:
-    """The kernel API (design section 3) for tensors without values, routing balanced."""
+class BalancedBackend(ExpertBackend):
+    """The kernel API for tensors without values, routing balanced."""
 
-    def __init__(self, inner):
-        self.inner = inner  # the layer's real backend, kept to restore it
+    name = "balanced"
 
-    @staticmethod
-    def route(expert_idx_Tk: torch.Tensor, num_experts: int):
+    def route(self, expert_idx_Tk: torch.Tensor, num_experts: int):
         flat = expert_idx_Tk.reshape(-1)
         order = torch.sort(flat, stable=True).indices
         # a CPU tensor of known values, moved to the shape-only device
         return order, balanced_counts(flat.numel(), num_experts, flat.device)
 
-    gather = staticmethod(torch_ref.gather)
-    scatter = staticmethod(torch_ref.scatter)
+    gather = staticmethod(torch_backend.gather)
+    scatter = staticmethod(torch_backend.scatter)
 
-    @staticmethod
-    def grouped_mm(x_TK, w_EKN, offs_E):
+    def grouped_mm(self, x_TK, w_EKN, offs_E):
         return _ShapeOnlyGroupedMM.apply(x_TK, w_EKN, offs_E)
 
 
-class BalancedMoEParallel(MoEParallel):
+class _OnBalancedBackend(Dispatcher):
+    """Runs the dispatch on `BalancedBackend` whatever backend the layer has."""
+
+    balanced = BalancedBackend()
+
+    def dispatch(self, routing: Routing, x_TD: torch.Tensor, experts: nn.Module,
+                 backend: ExpertBackend) -> tuple[torch.Tensor, ExpertGroups]:
+        return super().dispatch(routing, x_TD, experts, self.balanced)
+
+
+class BalancedDispatcher(_OnBalancedBackend, LocalDispatcher):
+    """One process, routing balanced."""
+
+
+class BalancedExpertParallelDispatcher(_OnBalancedBackend, ExpertParallelDispatcher):
     """Expert parallelism with balanced split sizes: every EP rank sends rows/P to each peer."""
 
     def _exchange_counts(self, send_PE: torch.Tensor) -> torch.Tensor:
@@ -75,16 +90,22 @@ class BalancedMoEParallel(MoEParallel):
         return even, even
 
 
+def balanced(dispatcher: Dispatcher) -> Dispatcher:
+    """The balanced counterpart of a layer's dispatcher (the same process groups)."""
+    if isinstance(dispatcher, _OnBalancedBackend):
+        return dispatcher
+    if isinstance(dispatcher, ExpertParallelDispatcher):
+        return BalancedExpertParallelDispatcher(dispatcher.num_experts, dispatcher.dp_group,
+                                                dispatcher.ep_group)
+    return BalancedDispatcher()
+
+
 def use_balanced_routing(model: nn.Module) -> int:
-    """Swaps every MoE layer's backend (and its EP helper, if any) for the balanced, shape-only
-    ones; returns how many layers it changed."""
+    """Gives every MoE layer the balanced dispatcher of the one it has (call after
+    `parallelize`); returns how many layers it changed."""
     n = 0
     for module in model.modules():
         if isinstance(module, MoE):
-            if not isinstance(module.backend, BalancedBackend):
-                module.backend = BalancedBackend(module.backend)
-            par = module.parallel
-            if par is not None and not isinstance(par, BalancedMoEParallel):
-                module.parallel = BalancedMoEParallel(par.num_experts, par.dp_group, par.ep_group)
+            module.set_dispatcher(balanced(module.dispatcher))
             n += 1
     return n

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from moe_lm.config import TrainConfig
+from moe_lm.data import get_tokenizer
 from moe_lm.model import Transformer, is_moe_layer
 
 COMPONENTS = ("embedding", "attention", "norms", "dense_mlp", "router", "experts",
@@ -42,6 +43,13 @@ def with_vocab(cfg: TrainConfig, vocab_size: int) -> TrainConfig:
     if cfg.model.vocab_size > 0:
         return cfg
     return replace(cfg, model=replace(cfg.model, vocab_size=vocab_size))
+
+
+def with_tokenizer_vocab(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with `model.vocab_size` 0 resolved to `data.tokenizer`'s size (read only then)."""
+    if cfg.model.vocab_size > 0:
+        return cfg
+    return with_vocab(cfg, get_tokenizer(cfg.data.tokenizer).n_vocab)
 
 
 def build_meta_model(cfg: TrainConfig) -> Transformer:

@@ -8,16 +8,20 @@ route balanced (see `balanced.py`: data-dependent token counts have no values on
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from moe_lm.config import TrainConfig
 from moe_lm.errors import MoeLMError
+from moe_lm.objectives import objective_term_names
 from moe_lm.parallel import apply_activation_checkpointing
 from moe_lm.planning.balanced import use_balanced_routing
-from moe_lm.planning.counting import build_meta_model
+from moe_lm.planning.counting import build_meta_model, with_tokenizer_vocab
 from moe_lm.planning.memory import planning_config
 from moe_lm.training.step import forward_backward
 
@@ -56,17 +60,9 @@ def dry_run(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def run_dry_run(cfg: TrainConfig, run_dir) -> dict[str, Any]:
-    """The `trainer.dry_run=true` path of `run_training`: resolves the vocabulary, runs `dry_run`,
-    prints and writes `<run dir>/dry_run.json`."""
-    import json
-    from pathlib import Path
-
-    from moe_lm.data import get_tokenizer
-    from moe_lm.planning.counting import with_vocab
-
-    if cfg.model.vocab_size <= 0:
-        cfg = with_vocab(cfg, get_tokenizer(cfg.data.tokenizer).n_vocab)
-    result = dry_run(cfg)
+    """The `trainer.dry_run=true` run (`moe_lm.runs.train_job.run`): resolves the vocabulary,
+    runs `dry_run`, prints and writes `<run dir>/dry_run.json`."""
+    result = dry_run(with_tokenizer_vocab(cfg))
     print(f"dry run ok: forward + backward of {result['params']:,} parameters "
           f"({result['moe_layers']} MoE layers) on the meta device, micro-batch "
           f"{result['micro_batch'][0]} x {result['micro_batch'][1]} tokens, activation "
@@ -74,3 +70,17 @@ def run_dry_run(cfg: TrainConfig, run_dir) -> dict[str, Any]:
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     (Path(run_dir) / "dry_run.json").write_text(json.dumps(result, indent=2) + "\n")
     return {**result, "step": 0}
+
+
+def loss_term_names(cfg: TrainConfig) -> list[str]:
+    """The names of the loss terms a training step of `cfg` logs, in order: the model's (found by
+    a shape-only forward of its first MoE layer) and the extra objectives'."""
+    m = cfg.model
+    n_layers = min(m.n_layers, m.n_dense_layers + 1)  # the layer pattern's first MoE layer
+    small = replace(cfg, model=replace(m, n_layers=n_layers, vocab_size=max(m.vocab_size, 8)))
+    model = build_meta_model(planning_config(small))
+    use_balanced_routing(model)
+    tokens_BS1 = torch.zeros((1, 3), dtype=torch.int64, device="meta")
+    with torch.no_grad():
+        result = forward_backward(model, tokens_BS1, None, "meta", backward=False)
+    return list(result.out.terms) + objective_term_names(cfg.loss)

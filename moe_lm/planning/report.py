@@ -4,9 +4,11 @@ and how long it takes. `make_plan` returns a JSON-able dict; `format_plan` rende
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any
 
 from moe_lm.config import TrainConfig
@@ -190,3 +192,12 @@ def format_plan(plan: dict[str, Any]) -> str:
     add(f"time to train {plan['train_tokens'] / 1e12:.3g}T tokens: "
         f"{_fmt_time(plan['time_to_train_s'])} on {m['world_size']} GPUs")
     return "\n".join(lines)
+
+
+def write_plan(plan: dict[str, Any], run_dir: Path | str) -> Path:
+    """Writes the plan as `<run dir>/plan.json` (creating the directory); returns the file."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "plan.json"
+    path.write_text(json.dumps(plan, indent=2) + "\n")
+    return path

@@ -21,7 +21,7 @@ from moe_lm.data import TokenLoader, get_tokenizer, prepare
 from moe_lm.errors import CheckpointError, MoeLMError
 from moe_lm.model import Transformer
 from moe_lm.objectives import ExtraObjectives
-from moe_lm.model.router import Router, update_score_bias
+from moe_lm.model.routers import Router
 from moe_lm.parallel import build_mesh, clip_grad_norm_, init_on_device, parallelize, validate_layout
 from moe_lm.parallel.precision import Precision
 from moe_lm.training import distributed as dist_utils
@@ -260,7 +260,7 @@ class Trainer:
         if dist_utils.is_initialized():
             torch.distributed.all_reduce(load_LE)
         for router, load_E in zip(self.routers(), load_LE):
-            update_score_bias(router, load_E, rate)
+            router.update_score_bias(load_E, rate)
 
     def plot_routing(self, logger: MetricsLogger) -> None:
         """The expert-load heatmap PNG of the run so far, also sent to wandb (rank 0)."""
@@ -339,10 +339,6 @@ def run_training(cfg: TrainConfig, run_dir: Path,
     Under torchrun it first checks the layout against the world size, then joins the process
     group (and leaves it at the end, also after an error).
     """
-    if cfg.trainer.dry_run:  # shapes only, on the meta device: nothing is allocated
-        from moe_lm.planning.dry_run import run_dry_run
-
-        return run_dry_run(cfg, run_dir)
     device_type = resolve_device(cfg.trainer.device).type
     validate_layout(cfg.parallel, cfg.expert, dist_utils.launched_world_size()
                     if not dist_utils.is_initialized() else dist_utils.world_size(), device_type)

@@ -1,4 +1,4 @@
-"""Triton route / gather / scatter and their backward launchers against the torch reference.
+"""Triton route / gather / scatter and their backward launchers against moe_lm.ops.reference.
 
 Legend: T tokens, k assignments per token, E experts, D width, M kept assignments (<= T*k).
 Outputs are poisoned with NaN (or -7 for integers) before each call.
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moe_lm import kernels
-from moe_lm.ops import torch_ref
+from moe_lm.ops import reference
 
 # (T, k, E, D): D is never a multiple of a block size; E covers 1, 4, 8 and 64.
 SHAPES = [(1, 1, 1, 3), (37, 2, 4, 70), (130, 3, 8, 33), (150, 2, 64, 17), (200, 1, 4, 5)]
@@ -36,7 +36,7 @@ def _skewed_idx(T: int, k: int, E: int, device: str) -> torch.Tensor:
 
 def _order(T, k, E, subset, device):
     """A route order; with `subset`, a stable-within-expert subset as capacity dropping gives."""
-    order, _ = torch_ref.route(_skewed_idx(T, k, E, device), E)
+    order, _ = reference.route(_skewed_idx(T, k, E, device), E)
     if subset:
         keep = torch.rand(order.shape[0], device=device) < 0.7
         order = order[keep]
@@ -48,7 +48,7 @@ def _order(T, k, E, subset, device):
 def test_route_is_a_stable_sort_with_counts(T, k, E, D, device):
     idx = _skewed_idx(T, k, E, device)
     order, counts = kernels.route(idx, E)
-    ref_order, ref_counts = torch_ref.route(idx, E)
+    ref_order, ref_counts = reference.route(idx, E)
     assert order.dtype == ref_order.dtype and counts.dtype == ref_counts.dtype
     assert torch.equal(order, ref_order)
     assert torch.equal(counts, ref_counts)
@@ -57,7 +57,7 @@ def test_route_is_a_stable_sort_with_counts(T, k, E, D, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_route_handles_many_sort_blocks_and_no_tokens(device):
     idx = torch.randint(0, 5, (700, 2), device=device)  # 1400 assignments: 11 sort blocks
-    assert torch.equal(kernels.route(idx, 5)[0], torch_ref.route(idx, 5)[0])
+    assert torch.equal(kernels.route(idx, 5)[0], reference.route(idx, 5)[0])
     order, counts = kernels.route(torch.zeros(0, 2, dtype=torch.long, device=device), 3)
     assert order.shape == (0,) and torch.equal(counts, torch.zeros(3, dtype=torch.long,
                                                                    device=device))
@@ -74,7 +74,7 @@ def test_gather_and_backward_match_reference(T, k, E, D, dtype, subset, device):
     y = kernels.gather(x, order, k, out=torch.full((M, D), float("nan"), dtype=dtype,
                                                     device=device))
     x_ref = x.clone().requires_grad_()
-    y_ref = torch_ref.gather(x_ref, order, k)
+    y_ref = reference.gather(x_ref, order, k)
     assert torch.equal(y, y_ref)  # a copy is exact
 
     dy = torch.randn(M, D, device=device).to(dtype)
@@ -96,7 +96,7 @@ def test_scatter_and_backward_match_reference(T, k, E, D, dtype, subset, device)
     nan = float("nan")
     out = kernels.scatter(y, order, w, out=torch.full((T, D), nan, dtype=dtype, device=device))
     y_ref, w_ref = y.float().requires_grad_(), w.clone().requires_grad_()
-    out_ref = torch_ref.scatter(y_ref, order, w_ref)
+    out_ref = reference.scatter(y_ref, order, w_ref)
     torch.testing.assert_close(out.float(), out_ref, **DTYPES[dtype])
 
     dout = torch.randn(T, D, device=device).to(dtype)

@@ -1,4 +1,4 @@
-"""Triton grouped GEMM (forward, dx, dw) against the per-expert loop of the torch reference.
+"""Triton grouped GEMM (forward, dx, dw) against the per-expert loop of moe_lm.ops.reference.
 
 Legend: T rows, K reduction width, N output width, E groups; sizes_E rows per group.
 Outputs are poisoned with NaN before each call, so an element the kernel forgets cannot pass.
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moe_lm import kernels
-from moe_lm.ops.torch_ref import grouped_mm_loop
+from moe_lm.ops.reference import grouped_mm as reference_grouped_mm
 
 # (name, rows per group, rows past the last group, K, N): skewed, empty and single-row groups,
 # widths that are not multiples of any block size.
@@ -65,7 +65,7 @@ def test_grouped_mm_matches_loop_forward_and_backward(name, spec, tail, K, N, dt
     y = kernels.grouped_mm(x, w, offs, out=_nan(T, N, dtype=dtype, device=device))
     x_ref = x.float().requires_grad_()
     w_ref = w.float().requires_grad_()
-    y_ref = grouped_mm_loop(x_ref, w_ref, offs)
+    y_ref = reference_grouped_mm(x_ref, w_ref, offs)
     torch.testing.assert_close(y.float(), y_ref, **tol)
 
     dy = torch.randn(T, N, device=device).to(dtype)
@@ -85,7 +85,7 @@ def test_grouped_mm_accepts_strided_operands(device):
     x_strided.copy_(x)
     w_t = w.transpose(1, 2).contiguous().transpose(1, 2)  # same values, (E, N, K) memory
     y = kernels.grouped_mm(x_strided, w_t, offs)
-    torch.testing.assert_close(y, grouped_mm_loop(x, w, offs), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(y, reference_grouped_mm(x, w, offs), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from moe_lm.config import ExpertConfig, LossConfig
-from moe_lm.model.moe import MoE, drop_over_capacity
+from moe_lm.model.moe import MoE
+from moe_lm.model.routing import drop_over_capacity
 
 
 def make_moe(**kw) -> MoE:

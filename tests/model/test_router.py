@@ -4,8 +4,9 @@ import math
 
 import torch
 
-from moe_lm.config import ExpertConfig
-from moe_lm.model.router import Router, load_balance_loss, router_entropy, z_loss
+from moe_lm.config import ExpertConfig, LossConfig
+from moe_lm.model.router_losses import load_balance_loss, router_entropy, z_loss
+from moe_lm.model.routers import build_router
 
 
 def test_balance_loss_is_one_for_uniform_routing():
@@ -43,7 +44,7 @@ def test_router_entropy_of_uniform_is_log_num_experts():
 
 
 def test_softmax_router_picks_top2_and_renormalises():
-    router = Router(4, ExpertConfig(num_experts=4, top_k=2))
+    router = build_router(4, ExpertConfig(num_experts=4, top_k=2), LossConfig())
     with torch.no_grad():
         router.gate.weight.copy_(torch.eye(4))
     x = torch.tensor([[3.0, 2.0, 0.0, -1.0]])

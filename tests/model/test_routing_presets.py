@@ -14,7 +14,7 @@ from moe_lm.config import ExpertConfig, LossConfig, ModelConfig, TrainConfig, va
 from moe_lm.errors import ConfigError
 from moe_lm.model import Transformer
 from moe_lm.model.moe import MoE
-from moe_lm.model.router import Router, expert_choice_capacity, update_score_bias
+from moe_lm.model.routers import Router, build_router, expert_choice_capacity
 from moe_lm.model.terms import total_loss
 
 
@@ -144,7 +144,7 @@ def test_expert_choice_with_small_capacity_leaves_some_tokens_without_an_expert(
 
 
 def test_sigmoid_router_weights_are_the_chosen_sigmoid_scores_normalised():
-    router = Router(4, ExpertConfig(num_experts=4, top_k=2, router="sigmoid"))
+    router = build_router(4, ExpertConfig(num_experts=4, top_k=2, router="sigmoid"), LossConfig())
     router.gate = FixedGate([2.0, -1.0, 0.5, 1.0])
     r = router(torch.zeros(3, 4))
     assert r.expert_idx_Tk[0].tolist() == [0, 3]
@@ -157,7 +157,8 @@ def test_sigmoid_router_weights_are_the_chosen_sigmoid_scores_normalised():
 def skewed_router(num_experts: int = 8) -> tuple[Router, torch.Tensor]:
     """A sigmoid router whose gate strongly prefers experts 0 and 1 for every token."""
     torch.manual_seed(0)
-    router = Router(16, ExpertConfig(num_experts=num_experts, top_k=2, router="sigmoid"))
+    router = build_router(16, ExpertConfig(num_experts=num_experts, top_k=2, router="sigmoid"),
+                          LossConfig())
     with torch.no_grad():
         router.gate.weight.normal_(0, 0.1)
         router.gate.weight[:2, 0] = 2.0
@@ -174,7 +175,7 @@ def imbalance(router: Router, x_TD: torch.Tensor) -> float:
 def test_aux_free_bias_first_step_lowers_overloaded_and_raises_underloaded_experts():
     router, x_TD = skewed_router()
     load_E = torch.bincount(router(x_TD).expert_idx_Tk.flatten(), minlength=8)
-    update_score_bias(router, load_E, 0.01)
+    router.update_score_bias(load_E, 0.01)
     expected = torch.where(load_E.float() > load_E.float().mean(), -0.01, 0.01)
     torch.testing.assert_close(router.score_bias, expected)
 
@@ -185,7 +186,7 @@ def test_aux_free_bias_moves_a_skewed_router_to_balance_within_100_steps():
     assert start > 3.5  # nearly every token on experts 0 and 1 (E / k = 4 at worst)
     for _ in range(100):
         r = router(x_TD)
-        update_score_bias(router, torch.bincount(r.expert_idx_Tk.flatten(), minlength=8), 0.01)
+        router.update_score_bias(torch.bincount(r.expert_idx_Tk.flatten(), minlength=8), 0.01)
     assert imbalance(router, x_TD) < 1.5
     r = router(x_TD)  # the bias moved the selection; the weights still come from the scores only
     scores_Tk = torch.sigmoid(router.gate(x_TD)).gather(-1, r.expert_idx_Tk)
@@ -193,7 +194,7 @@ def test_aux_free_bias_moves_a_skewed_router_to_balance_within_100_steps():
 
 
 def test_router_jitter_perturbs_training_only_and_stays_within_its_band():
-    router = Router(8, ExpertConfig(num_experts=4, top_k=2, jitter=0.1))
+    router = build_router(8, ExpertConfig(num_experts=4, top_k=2, jitter=0.1), LossConfig())
     x = torch.randn(32, 8)
     clean_TE = router.gate(x)
     router.train()

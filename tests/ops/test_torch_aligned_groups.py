@@ -8,7 +8,7 @@ import torch
 
 from moe_lm.config import ExpertConfig, LossConfig
 from moe_lm.model.moe import MoE
-from moe_lm.ops import torch_ref
+from moe_lm.ops import reference, torch_backend
 
 
 def _routing(T, k, E, seed):
@@ -19,8 +19,8 @@ def _routing(T, k, E, seed):
 @pytest.mark.parametrize("T,k,E,align", [(37, 2, 4, 16), (50, 3, 8, 4), (5, 1, 3, 8)])
 def test_route_aligned_pads_each_group_after_its_rows(T, k, E, align):
     idx_Tk, _ = _routing(T, k, E, seed=T)
-    order_P, rows_E, counts_E = torch_ref.route_aligned(idx_Tk, E, align)
-    order_A, counts_ref = torch_ref.route(idx_Tk, E)
+    order_P, rows_E, counts_E = torch_backend.route_aligned(idx_Tk, E, align)
+    order_A, counts_ref = torch_backend.route(idx_Tk, E)
     assert torch.equal(counts_E, counts_ref)
     assert bool((rows_E % align == 0).all()) and bool((rows_E >= counts_E).all())
     assert sorted(order_P.tolist()) == list(range(int(rows_E.sum())))  # a permutation
@@ -45,15 +45,15 @@ def test_padded_gather_and_scatter_match_unpadded_with_gradients(T, k, E, align,
     scale = torch.linspace(0.5, 2.0, D, dtype=torch.float64)
 
     def run(order, rows_E):
-        x_PD = torch_ref.gather(x, order, k)
+        x_PD = torch_backend.gather(x, order, k)
         groups = torch.repeat_interleave(torch.arange(E), rows_E)  # a per-expert function
         y_PD = (x_PD * scale).sin() * (1.0 + groups.unsqueeze(1))
         out = CombinePermuted.apply(y_PD, order, w, embedding_bag)
         return x_PD, out
 
-    order_P, rows_E, counts_E = torch_ref.route_aligned(idx_Tk, E, align)
+    order_P, rows_E, counts_E = torch_backend.route_aligned(idx_Tk, E, align)
     x_PD, out = run(order_P, rows_E)
-    order_A, _ = torch_ref.route(idx_Tk, E)
+    order_A, _ = torch_backend.route(idx_Tk, E)
     x_AD, out_ref = run(order_A, counts_E)
     pad_rows = order_P >= T * k
     assert bool((x_PD[pad_rows] == 0).all())
@@ -73,8 +73,8 @@ def test_grouped_mm_pair_matches_two_grouped_mms(counts):
     x = torch.randn(T, K, dtype=torch.float64, generator=gen, requires_grad=True)
     w_a = torch.randn(E, K, N, dtype=torch.float64, generator=gen, requires_grad=True)
     w_b = torch.randn(E, K, N, dtype=torch.float64, generator=gen, requires_grad=True)
-    a, b = torch_ref.grouped_mm_pair(x, w_a, w_b, offs)
-    a_ref, b_ref = (torch_ref.grouped_mm_loop(x, w, offs) for w in (w_a, w_b))
+    a, b = torch_backend.grouped_mm_pair(x, w_a, w_b, offs)
+    a_ref, b_ref = (reference.grouped_mm(x, w, offs) for w in (w_a, w_b))
     torch.testing.assert_close((a, b), (a_ref, b_ref))
     ga, gb = torch.randn_like(a), torch.randn_like(b)
     got = torch.autograd.grad((a * ga).sum() + (b * gb).sum(), [x, w_a, w_b])
@@ -88,7 +88,7 @@ def test_moe_layer_with_aligned_groups_matches_unaligned(monkeypatch):
     for p in moe.parameters():
         torch.nn.init.normal_(p, 0, 0.3)
     x = torch.randn(2, 300, 16, dtype=torch.float64)  # 1200 rows, 4 experts: alignment 16
-    assert torch_ref.row_alignment(x.view(-1, 16), 2, 4) == 16
+    assert torch_backend.row_alignment(x.view(-1, 16), 2, 4) == 16
 
     def run():
         xg = x.clone().requires_grad_()
@@ -98,7 +98,7 @@ def test_moe_layer_with_aligned_groups_matches_unaligned(monkeypatch):
         return out, stats.tokens_per_expert, grads
 
     out, counts, grads = run()
-    monkeypatch.setattr(torch_ref, "row_alignment", lambda x, k, E: 1)
+    monkeypatch.setattr(torch_backend, "row_alignment", lambda x, k, E: 1)
     out_ref, counts_ref, grads_ref = run()
     torch.testing.assert_close(out, out_ref)
     assert torch.equal(counts, counts_ref) and int(counts.sum()) == 1200  # real, not padded
@@ -107,11 +107,11 @@ def test_moe_layer_with_aligned_groups_matches_unaligned(monkeypatch):
 
 def test_row_alignment_keeps_padding_small_and_is_off_on_small_batches():
     x = torch.empty(4096, 8)
-    assert torch_ref.row_alignment(x, 2, 8) == 32  # 8192 rows: at most 3% padding expected
-    assert torch_ref.row_alignment(x, 2, 32) == 16
-    assert torch_ref.row_alignment(x, 2, 64) == 1  # 128 rows per expert: no padding
-    assert torch_ref.row_alignment(torch.empty(256, 8), 2, 8) == 1
-    assert torch_ref.row_alignment(torch.empty(4096, 8, device="meta"), 2, 8) == 1
+    assert torch_backend.row_alignment(x, 2, 8) == 32  # 8192 rows: at most 3% padding expected
+    assert torch_backend.row_alignment(x, 2, 32) == 16
+    assert torch_backend.row_alignment(x, 2, 64) == 1  # 128 rows per expert: no padding
+    assert torch_backend.row_alignment(torch.empty(256, 8), 2, 8) == 1
+    assert torch_backend.row_alignment(torch.empty(4096, 8, device="meta"), 2, 8) == 1
 
 
 def test_grouped_mm_pair_in_bfloat16_matches_float32_math():
@@ -124,11 +124,11 @@ def test_grouped_mm_pair_in_bfloat16_matches_float32_math():
     x = torch.randn(130, 16, generator=gen).bfloat16().requires_grad_()
     w_a, w_b = (torch.randn(4, 16, 32, generator=gen).bfloat16().requires_grad_()
                 for _ in range(2))
-    a, b = torch_ref.grouped_mm_pair(x, w_a, w_b, offs)
+    a, b = torch_backend.grouped_mm_pair(x, w_a, w_b, offs)
     ga, gb = torch.randn(a.shape, generator=gen), torch.randn(b.shape, generator=gen)
     got = torch.autograd.grad([a, b], [x, w_a, w_b], [ga.bfloat16(), gb.bfloat16()])
     x32, wa32, wb32 = (t.detach().float().requires_grad_() for t in (x, w_a, w_b))
-    a32, b32 = (torch_ref.grouped_mm_loop(x32, w, offs) for w in (wa32, wb32))
+    a32, b32 = (reference.grouped_mm(x32, w, offs) for w in (wa32, wb32))
     want = torch.autograd.grad([a32, b32], [x32, wa32, wb32],
                                [ga.bfloat16().float(), gb.bfloat16().float()])
     for out, ref in ((a, a32), (b, b32), *zip(got, want)):
@@ -145,7 +145,7 @@ def test_grouped_mm_pair_zeroes_the_weight_gradient_of_an_empty_group(monkeypatc
                         lambda t, **kw: real_empty_like(t, **kw).fill_(float("nan")))
     x = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
     w_a, w_b = (torch.randn(3, 8, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    a, b = torch_ref.grouped_mm_pair(x, w_a, w_b, torch.tensor([2, 2, 6], dtype=torch.int32))
+    a, b = torch_backend.grouped_mm_pair(x, w_a, w_b, torch.tensor([2, 2, 6], dtype=torch.int32))
     (a.sum() + b.sum()).backward()
     for w in (w_a, w_b):
         assert torch.isfinite(w.grad).all() and float(w.grad[1].abs().max()) == 0.0

@@ -1,4 +1,4 @@
-"""The `triton` backend (custom ops over moe_lm.kernels) against the `torch` reference backend.
+"""The `triton` backend (custom ops over moe_lm.kernels) against moe_lm.ops.reference.
 
 Legend: T tokens, k assignments per token, M kept assignments, E experts, D model width,
 F expert hidden width. Checks forward values and gradients of every op, a whole MoE expert
@@ -17,7 +17,7 @@ from torch.library import opcheck
 
 from moe_lm import kernels
 from moe_lm.errors import ConfigError
-from moe_lm.ops import get_backend, torch_ref, triton_ops
+from moe_lm.ops import get_backend, reference, triton_ops
 
 CUDA_OK = torch.cuda.is_available() and not kernels.INTERPRET
 DEVICES = [
@@ -86,14 +86,14 @@ def _grads(B, leaves, idx, weights, E, drop, dout):
 @pytest.mark.parametrize("drop", [False, True], ids=["dropless", "dropped"])
 @pytest.mark.parametrize("dtype", list(TOL), ids=["fp32", "bf16"])
 @pytest.mark.parametrize("T,k,E,D,F", SHAPES, ids=IDS)
-def test_expert_block_matches_torch_backend_values_and_gradients(T, k, E, D, F, dtype, drop,
+def test_expert_block_matches_reference_values_and_gradients(T, k, E, D, F, dtype, drop,
                                                                  device):
     idx, weights = _routing(T, k, E, device)
     leaves = _leaves(T, D, F, E, dtype, device)
     dout = torch.randn(T, D, device=device).to(dtype)
     out, grads = _grads(triton_ops, leaves, idx, weights, E, drop, dout)
     ref_leaves = [t.float() for t in leaves]
-    ref_out, ref_grads = _grads(torch_ref, ref_leaves, idx, weights, E, drop, dout.float())
+    ref_out, ref_grads = _grads(reference, ref_leaves, idx, weights, E, drop, dout.float())
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), ref_out, **TOL[dtype])
     for name, g, ref in zip(["x", "w1", "w2", "weights"], grads, ref_grads):
@@ -105,7 +105,7 @@ def test_expert_block_matches_torch_backend_values_and_gradients(T, k, E, D, F, 
 def test_route_matches_reference(device):
     idx, _ = _routing(150, 2, 8, device)
     order, counts = triton_ops.route(idx, 8)
-    ref_order, ref_counts = torch_ref.route(idx, 8)
+    ref_order, ref_counts = reference.route(idx, 8)
     assert torch.equal(order, ref_order) and torch.equal(counts, ref_counts)
 
 
@@ -113,7 +113,7 @@ def test_route_matches_reference(device):
 def test_custom_ops_pass_opcheck(device):
     T, k, E, D = 12, 2, 4, 8
     idx, weights = _routing(T, k, E, device)
-    order, counts = torch_ref.route(idx, E)
+    order, counts = reference.route(idx, E)
     offs = counts.cumsum(0).to(torch.int32)
     x = torch.randn(T, D, device=device, requires_grad=True)
     y = torch.randn(T * k, D, device=device, requires_grad=True)
@@ -188,14 +188,14 @@ def test_megablocks_backend_explains_how_to_install_when_unavailable():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _megablocks_ready(), reason="needs megablocks and CUDA")
-def test_megablocks_backend_matches_torch_backend():
+def test_megablocks_backend_matches_reference():
     mb = get_backend("megablocks")
     T, k, E, D, F = 256, 2, 8, 128, 256
     idx, weights = _routing(T, k, E, "cuda")
     leaves = _leaves(T, D, F, E, torch.bfloat16, "cuda")
     dout = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
     out, grads = _grads(mb, leaves, idx, weights, E, False, dout)
-    ref_out, ref_grads = _grads(torch_ref, [t.float() for t in leaves], idx, weights, E, False,
+    ref_out, ref_grads = _grads(reference, [t.float() for t in leaves], idx, weights, E, False,
                                 dout.float())
     torch.testing.assert_close(out.float(), ref_out, **TOL[torch.bfloat16])
     for g, ref in zip(grads, ref_grads):

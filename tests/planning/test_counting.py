@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from moe_lm.config import TrainConfig
 from moe_lm.model import Transformer, count_params
-from moe_lm.ops import torch_ref
+from moe_lm.ops import torch_backend
 from moe_lm.planning.counting import build_meta_model, count_by_component, flops_per_token, totals
 
 SMALL_CONFIGS = {
@@ -52,7 +52,7 @@ def test_plan_flops_equal_torch_flop_counter_on_a_real_step(n_dense_layers):
     model.init_weights()
     tokens = torch.randint(0, 512, (2, 65))
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), \
-            unittest.mock.patch.object(torch_ref, "_native_grouped_mm_ok", lambda x, w: False):
+            unittest.mock.patch.object(torch_backend, "_native_grouped_mm_ok", lambda x, w: False):
         model(tokens[:, :-1], tokens[:, 1:], return_logits=False).lm_loss.backward()
     table = count_by_component(model, cfg.expert.top_k, cfg.expert.num_experts)
     planned = flops_per_token(cfg, table, causal=False)["total"] * tokens[:, :-1].numel()

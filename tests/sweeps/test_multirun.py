@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from moe_lm.launch.job_status import read_status
-from moe_lm.report import write_report
+from moe_lm.reporting.sweep_report import write_report
 from tests.conftest import read_metrics
 from tests.sweeps.helpers import multirun_cli, report_row
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from moe_lm.launch.job_status import read_status
-from moe_lm.report import write_report
+from moe_lm.reporting.sweep_report import write_report
 from tests.conftest import read_metrics
 from tests.sweeps import fake_slurm
 from tests.sweeps.helpers import multirun_cli, report_row

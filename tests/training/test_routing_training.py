@@ -68,7 +68,7 @@ def test_aux_free_bias_is_saved_and_restored_with_the_checkpoint(tmp_path):
 
     from moe_lm.config import ExpertConfig, LossConfig, ModelConfig, OptimConfig
     from moe_lm.model import Transformer
-    from moe_lm.model.router import Router
+    from moe_lm.model.routers import Router
     from moe_lm.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
     from moe_lm.training.optim import build_optimizer
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from moe_lm import dashboard
+from moe_lm.errors import MoeLMError
+from moe_lm.reporting import dashboard as board
 from tests.conftest import read_metrics
 from tests.training.helpers import train_in_process
 
@@ -115,29 +117,29 @@ def test_dashboard_validates_offline_against_the_runs_own_metrics(offline_run, t
     sections = spec["spec"]["section"]["panelBankConfig"]["sections"]
     assert [s["name"] for s in sections] == ["Loss", "Routing balance", "Routing per layer",
                                              "Throughput"]
-    plotted = set(dashboard.plotted_metrics(
-        dashboard.build_workspace(dashboard.load_config([], offline_run), "e", "p", "n")))
+    plotted = set(board.plotted_metrics(
+        board.build_workspace(board.load_config([], offline_run), "e", "p", "n")))
     assert {"moe/layer0/load_imbalance", "moe/layer1/dropped_frac", "moe/score_bias_absmax",
             "tokens_per_s", "val_loss"} <= plotted
 
 
 def test_dashboard_for_another_model_names_the_metrics_the_run_lacks(offline_run):
-    cfg = dashboard.load_config(["model.n_layers=5"], None)  # 4 MoE layers; the run had 2
-    workspace = dashboard.build_workspace(cfg, "e", "p", "n")
-    with pytest.raises(dashboard.MoeLMError, match="moe/layer2/"):
-        dashboard.validate_workspace(workspace, offline_run)
+    cfg = board.load_config(["model.n_layers=5"], None)  # 4 MoE layers; the run had 2
+    workspace = board.build_workspace(cfg, "e", "p", "n")
+    with pytest.raises(MoeLMError, match="moe/layer2/"):
+        board.validate_workspace(workspace, offline_run)
 
 
 def test_dashboard_builds_from_overrides_with_a_panel_per_moe_layer_and_no_network():
-    cfg = dashboard.load_config(["model.n_layers=6", "model.n_dense_layers=2",
-                                 "model.moe_every=2"], None)
-    assert dashboard.moe_layer_count(cfg) == 2  # layers 2 and 4
-    workspace = dashboard.build_workspace(cfg, "e", "p", "n")
-    spec = dashboard.validate_workspace(workspace)
+    cfg = board.load_config(["model.n_layers=6", "model.n_dense_layers=2",
+                             "model.moe_every=2"], None)
+    assert board.moe_layer_count(cfg) == 2  # layers 2 and 4
+    workspace = board.build_workspace(cfg, "e", "p", "n")
+    spec = board.validate_workspace(workspace)
     per_layer = next(s for s in workspace.sections if s.name == "Routing per layer")
     titles = [p.title for p in per_layer.panels]
     assert titles[:2] == ["layer 0: balance", "layer 1: balance"]
-    assert "moe/score_bias_absmax" not in dashboard.plotted_metrics(workspace)  # no aux_free
+    assert "moe/score_bias_absmax" not in board.plotted_metrics(workspace)  # no aux_free
     assert spec["project"] == "p" and spec["entity"] == "e"
 
 

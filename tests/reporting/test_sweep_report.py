@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from moe_lm.errors import MoeLMError
 from moe_lm.launch.job_status import write_status
-from moe_lm.report import expected_jobs, write_report
+from moe_lm.reporting.sweep_report import expected_jobs, write_report
 from tests.sweeps.helpers import report_row
 
 BASIC = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"

@@ -1,44 +1,15 @@
-"""Hugging Face export, expert pruning and int8 expert quantization on a trained tiny run."""
+"""Expert pruning and int8 expert quantization on a trained tiny run."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
-import pytest
 import torch
 
-from moe_lm.config import ExpertConfig, LossConfig, ModelConfig, TrainConfig
-from moe_lm.eval import evaluate_loaded
-from moe_lm.export_hf import export, export_problems
+from moe_lm.compress.prune import prune_model
+from moe_lm.compress.quantize import model_bytes, quantize_experts_int8, quantize_int8_per_channel
 from moe_lm.inference import load_model
-from moe_lm.model import MoE, Transformer
-from moe_lm.prune import main as prune_main, prune_model
-from moe_lm.quantize import model_bytes, quantize_experts_int8, quantize_int8_per_channel
-
-
-def test_exported_mixtral_logits_in_transformers_match_moe_lm(tiny_run, tmp_path):
-    transformers = pytest.importorskip("transformers")
-    out = export(tiny_run, tmp_path / "hf")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    assert type(hf).__name__ == "MixtralForCausalLM"
-    loaded = load_model(tiny_run, device="cpu")
-    tokens = torch.randint(0, loaded.cfg.model.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ours, theirs = loaded.model(tokens).logits, hf(tokens).logits
-    assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4), (ours - theirs).abs().max()
-
-
-@pytest.mark.parametrize("change, words", [
-    (dict(num_shared=1), "num_shared"), (dict(router="sigmoid"), "router=sigmoid")])
-def test_export_refuses_settings_mixtral_cannot_express(change, words):
-    cfg = TrainConfig(model=ModelConfig(n_layers=2, d_model=32, vocab_size=64),
-                      expert=ExpertConfig(num_experts=4, hidden_size=16, **change))
-    model = Transformer(cfg.model, cfg.expert, cfg.loss)
-    problems = export_problems(cfg, model)
-    assert len(problems) == 1 and words in problems[0]
-    assert export_problems(replace(cfg, expert=ExpertConfig(num_experts=4, hidden_size=16)),
-                           Transformer(cfg.model, ExpertConfig(num_experts=4, hidden_size=16),
-                                       LossConfig())) == []
+from moe_lm.inference.evaluate import evaluate_loaded
+from moe_lm.model import MoE
+from moe_lm.prune import main as prune_main
 
 
 def test_pruning_to_all_experts_changes_nothing(tiny_run):

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from moe_lm.errors import CheckpointError
-from moe_lm.eval import evaluate_loaded
-from moe_lm.generate import StreamDecoder, generate_tokens, sample_next_token
 from moe_lm.inference import load_model
+from moe_lm.inference.evaluate import evaluate_loaded
+from moe_lm.inference.generate import StreamDecoder, generate_tokens, sample_next_token
 from moe_lm.inference.text import token_bytes_fn
 from tests.conftest import read_metrics
 

@@ -1,17 +1,19 @@
-"""Plain-PyTorch reference of the kernel API (design section 3): always available, autograd-native.
+"""The `torch` backend: the kernel API in PyTorch, always available; the fast path on CPU.
 
 Legend: T tokens, k assignments per token, M = kept assignments (<= T*k), E experts, D/K/N widths.
 `order` may omit assignments (capacity dropping, expert choice): those contribute nothing. Beyond
-the kernel API, this backend's `route_aligned` pads each expert's rows to a multiple of an
-alignment with padding entries (values >= T*k) that `gather` fills with zeros and `scatter`
-ignores (moe_lm.ops.torch_dropless; the MoE layer uses it on CPU), and `grouped_mm_pair` runs the
-experts' w1/w3 products with one backward (moe_lm.ops.torch_gemm_pair).
+the kernel API, `TorchBackend.route_for_layer` pads each expert's rows to a multiple of an
+alignment (`route_aligned`) with padding entries (values >= T*k) that `gather` fills with zeros
+and `scatter` ignores (moe_lm.ops.torch_dropless; on CPU, where the caller allows it), and
+`grouped_mm_pair` runs the experts' w1/w3 products with one backward (moe_lm.ops.torch_gemm_pair).
+The plain, obviously-correct version that tests check this against is moe_lm.ops.reference.
 """
 
 from __future__ import annotations
 
 import torch
 
+from moe_lm.ops.backend import ExpertBackend
 from moe_lm.ops.torch_dropless import (CombinePermuted, GatherPermuted, route_aligned,  # noqa: F401
                                        row_alignment)
 from moe_lm.ops.torch_gemm_pair import GroupedMMPair
@@ -88,12 +90,14 @@ def _cpu_rows_past_groups(x_TK: torch.Tensor, offs_E: torch.Tensor) -> bool:
 
 
 def grouped_mm_pair(x_TK: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor,
-                    offs_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grouped_mm(x, w_a, offs), grouped_mm(x, w_b, offs)); on CPU one backward that
-    accumulates the input's two gradients in place (moe_lm.ops.torch_gemm_pair)."""
+                    offs_E: torch.Tensor, gmm=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gmm(x, w_a, offs), gmm(x, w_b, offs)), `gmm` this module's `grouped_mm` by default; on
+    CPU one backward that accumulates the input's two gradients in place
+    (moe_lm.ops.torch_gemm_pair)."""
+    gmm = gmm or grouped_mm
     if x_TK.device.type == "cpu" and not torch.compiler.is_compiling():
-        return GroupedMMPair.apply(x_TK, w_a, w_b, offs_E, grouped_mm)
-    return grouped_mm(x_TK, w_a, offs_E), grouped_mm(x_TK, w_b, offs_E)
+        return GroupedMMPair.apply(x_TK, w_a, w_b, offs_E, gmm)
+    return gmm(x_TK, w_a, offs_E), gmm(x_TK, w_b, offs_E)
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -167,3 +171,32 @@ def _cpu_grouped_mm_works(dtype: torch.dtype) -> bool:
         except (RuntimeError, NotImplementedError, TypeError, AttributeError):
             _CPU_SUPPORT[dtype] = False
     return _CPU_SUPPORT[dtype]
+
+
+class TorchBackend(ExpertBackend):
+    """`expert.backend=torch`: this module's functions behind the backend seam."""
+
+    name = "torch"
+
+    def __init__(self):
+        probe_native_support()
+
+    route = staticmethod(route)
+    gather = staticmethod(gather)
+    scatter = staticmethod(scatter)
+    grouped_mm = staticmethod(grouped_mm)
+
+    def route_for_layer(self, expert_idx_Tk: torch.Tensor, num_experts: int,
+                        may_pad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pads the expert groups to an aligned row count where allowed and worth it (CPU:
+        faster GEMM tiles, see `row_alignment`); the padding rows are zeros the combine ignores."""
+        align = row_alignment(expert_idx_Tk, expert_idx_Tk.shape[1], num_experts) if may_pad else 1
+        if align > 1:
+            return route_aligned(expert_idx_Tk, num_experts, align)
+        order_M, counts_E = route(expert_idx_Tk, num_experts)
+        return order_M, counts_E, counts_E
+
+    def grouped_mm_pair(self, x_TK: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor,
+                        offs_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both products; on CPU with one backward (moe_lm.ops.torch_gemm_pair)."""
+        return grouped_mm_pair(x_TK, w_a, w_b, offs_E, self.grouped_mm)

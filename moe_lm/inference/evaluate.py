@@ -1,0 +1,126 @@
+"""Evaluating a trained model: mean next-token loss (nats), perplexity and bits per byte.
+
+Bits per byte divide the total loss by the UTF-8 size of the predicted text, so models with
+different tokenizers compare. On the run's own held-out split it reads the same
+`trainer.eval_batches` batches the training loop evaluated (so the loss matches the run's last
+`val_loss` at that checkpoint); on user files (.txt/.md/.jsonl/.parquet, a file or a directory) it
+scores all their tokens, in windows of `data.seq_len`, end-of-text between documents.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from moe_lm.data import TokenLoader, prepare
+from moe_lm.data.corpus import user_source
+from moe_lm.errors import ConfigError, DataError
+from moe_lm.inference.loading import LoadedModel
+from moe_lm.inference.text import token_byte_lengths
+from moe_lm.model import Transformer
+from moe_lm.parallel.precision import Precision
+
+
+@dataclass
+class EvalResult:
+    """Loss over `tokens` predicted tokens that spell `bytes` bytes of text."""
+
+    loss: float  # mean nats per token
+    ppl: float
+    bits_per_byte: float
+    tokens: int
+    bytes: int
+    batches: int
+
+
+@torch.no_grad()
+def evaluate_batches(model: Transformer, batches: Iterable[torch.Tensor], byte_lengths: np.ndarray,
+                     precision: str = "fp32") -> EvalResult:
+    """Token-weighted mean loss over `(B, S+1)` batches (inputs `[:, :-1]`, targets `[:, 1:]`)."""
+    model.eval()
+    device = next(model.parameters()).device
+    lengths = torch.from_numpy(byte_lengths)
+    total_nats, n_tokens, n_bytes, n_batches = 0.0, 0, 0, 0
+    for batch in batches:
+        batch = batch.to(device)
+        targets = batch[:, 1:]
+        with Precision.resolve(precision, device.type).autocast(device.type):
+            out = model(batch[:, :-1], targets, return_logits=False)
+        total_nats += float(out.lm_loss) * targets.numel()
+        n_tokens += targets.numel()
+        n_bytes += int(lengths[targets.flatten().cpu()].sum())
+        n_batches += 1
+    if n_tokens == 0:
+        raise DataError("No batches to evaluate: the data is shorter than one window "
+                        "(data.seq_len + 1 tokens). Use more text or a smaller --seq-len.")
+    loss = total_nats / n_tokens
+    return EvalResult(loss, math.exp(min(loss, 50.0)), total_nats / math.log(2) / max(n_bytes, 1),
+                      n_tokens, n_bytes, n_batches)
+
+
+def val_split_batches(loaded: LoadedModel, num_batches: int | None = None) -> Iterator[torch.Tensor]:
+    """The run's fixed validation batches (what the training loop's evaluation sees)."""
+    cfg = loaded.cfg
+    shard_dir = prepare(cfg.data, loaded.tokenizer)
+    loader = TokenLoader(shard_dir, "val", cfg.data.seq_len, cfg.data.batch_size, cfg.trainer.seed)
+    return loader.val_batches(num_batches or cfg.trainer.eval_batches)
+
+
+def file_batches(loaded: LoadedModel, path: str, seq_len: int, batch_size: int,
+                 max_tokens: int | None = None) -> Iterator[torch.Tensor]:
+    """Every token of the named files in `(B, seq_len + 1)` windows (the last batch may be short)."""
+    tok = loaded.tokenizer
+    stream: list[int] = []
+    for doc in user_source(path).documents():
+        stream.extend(tok.encode(doc))
+        stream.append(tok.eot_id)
+        if max_tokens and len(stream) > max_tokens:
+            break
+    ids = np.asarray(stream[:max_tokens + 1] if max_tokens else stream, dtype=np.int64)
+    n_windows = (len(ids) - 1) // seq_len
+    if n_windows == 0:
+        raise DataError(f"{path} holds {len(ids)} tokens, fewer than one window of --seq-len "
+                        f"{seq_len} + 1. Use more text or a smaller --seq-len.")
+    windows = np.stack([ids[w * seq_len:w * seq_len + seq_len + 1] for w in range(n_windows)])
+    for start in range(0, n_windows, batch_size):
+        yield torch.from_numpy(windows[start:start + batch_size])
+
+
+def evaluate_loaded(loaded: LoadedModel, data: str | None = None, batches: int | None = None,
+                    seq_len: int | None = None, batch_size: int | None = None,
+                    precision: str | None = None, max_tokens: int | None = None) -> EvalResult:
+    """Evaluates a loaded model on its run's validation split, or on `data` files."""
+    cfg = loaded.cfg
+    lengths = token_byte_lengths(loaded.tokenizer, cfg.model.vocab_size)
+    if data is None:
+        if seq_len or batch_size:
+            raise ConfigError("--seq-len and --batch-size apply to --data files; the validation "
+                              "split is read with the run's data.seq_len and data.batch_size.")
+        source = val_split_batches(loaded, batches)
+    else:
+        source = file_batches(loaded, data, seq_len or cfg.data.seq_len,
+                              batch_size or cfg.data.batch_size, max_tokens)
+    return evaluate_batches(loaded.model, source, lengths, precision or cfg.trainer.precision)
+
+
+def result_row(loaded: LoadedModel, result: EvalResult, data: str | None,
+               quantize: str) -> dict[str, Any]:
+    """What `python -m moe_lm.eval` reports: the checkpoint, the data, then the result's fields."""
+    return {"checkpoint": str(loaded.ckpt.path), "step": loaded.ckpt.step,
+            "data": data or "val split", "quantize": quantize, **asdict(result)}
+
+
+def format_result(row: dict[str, Any]) -> str:
+    """The human-readable table of a `result_row`."""
+    return "\n".join([
+        f"checkpoint   {row['checkpoint']} (step {row['step']})",
+        f"data         {row['data']}: {row['tokens']} tokens, {row['bytes']} bytes, "
+        f"{row['batches']} batches",
+        f"loss         {row['loss']:.4f} nats/token",
+        f"perplexity   {row['ppl']:.2f}",
+        f"bits/byte    {row['bits_per_byte']:.4f}",
+    ])

@@ -1,0 +1,1 @@
+"""Moving models between moe_lm and other libraries: `hf_export` writes a transformers Mixtral."""
