@@ -26,7 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from moe_lm.export_hf import export  # noqa: E402
+from moe_lm.interop.hf_export import export  # noqa: E402
 from moe_lm.inference.lm_eval_model import MoeLM  # noqa: E402
 from tests.inference.hf_tokenizer import hf_tokenizer_like  # noqa: E402
 

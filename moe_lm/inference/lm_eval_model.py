@@ -13,7 +13,8 @@ does, so a model exported with `moe_lm.export_hf` scores the same through either
 - `generate_until`: prompts grouped by generation settings, sorted, left-padded and decoded
   together with a KV cache that masks each row's padding (`PaddedKVCache`); a row stops at
   end-of-text, at a stop string or after `max_gen_toks` tokens, and its text is cut at the first
-  stop string. Greedy unless the task asks for sampling (`do_sample`, `temperature`).
+  stop string. Greedy unless the task asks for sampling (`do_sample` with `temperature`,
+  `top_k`, `top_p`, as `moe_lm.generate` samples).
 
 In eval mode every token goes to its top-k experts with no capacity dropping, so padding and the
 other requests of a batch change no request's routing, except under `expert.router=expert_choice`,
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 
 from moe_lm.data import Tokenizer
 from moe_lm.errors import ConfigError, MoeLMError
+from moe_lm.inference.generate import sample_next_token
 from moe_lm.inference.kv_cache import PaddedKVCache
 from moe_lm.inference.loading import LoadedModel, load_model
 from moe_lm.model import Transformer
@@ -216,12 +218,11 @@ class MoeLM(TemplateLM):
                 self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
         return reorder.get_original(results)
 
-    def _next_tokens(self, logits_BV: torch.Tensor, kwargs: dict,
-                     generator: torch.Generator | None) -> torch.Tensor:
-        if not kwargs.get("do_sample") or float(kwargs.get("temperature", 0.0)) <= 0:
-            return logits_BV.argmax(-1)
-        probs_BV = (logits_BV.float() / float(kwargs["temperature"])).softmax(-1)
-        return torch.multinomial(probs_BV, 1, generator=generator)[:, 0]
+    @staticmethod
+    def _sampling(kwargs: dict) -> tuple[float, int, float]:
+        """(temperature, top_k, top_p) of a request's generation kwargs; temperature 0 = greedy."""
+        temperature = float(kwargs.get("temperature") or 0.0) if kwargs.get("do_sample") else 0.0
+        return temperature, int(kwargs.get("top_k") or 0), float(kwargs.get("top_p") or 1.0)
 
     @torch.no_grad()
     def _generate(self, prompts: list[list[int]], max_new: int, until: list[str],
@@ -231,14 +232,15 @@ class MoeLM(TemplateLM):
         pad_B = torch.tensor([width - len(p) for p in prompts], device=self.device)
         tokens_BS = torch.tensor([[self.eot_token_id] * (width - len(p)) + p for p in prompts])
         cache = PaddedKVCache(len(self.model.layers), width + max_new, pad_B)
+        temperature, top_k, top_p = self._sampling(kwargs)
         generator = None
-        if kwargs.get("do_sample"):
+        if temperature > 0:  # sampling: repeatable, seeded per batch
             generator = torch.Generator(self.device).manual_seed(int(kwargs.get("seed", 1234)))
         out: list[list[int]] = [[] for _ in prompts]
         active = list(range(len(prompts)))  # rows of `out` still in the batch, in batch order
         logits_BV = self._logits(tokens_BS, cache)[:, -1]
         for step in range(max_new):
-            next_B = self._next_tokens(logits_BV, kwargs, generator)
+            next_B = sample_next_token(logits_BV, temperature, top_k, top_p, generator)
             keep = []
             for j, (row, token) in enumerate(zip(active, next_B.tolist())):
                 if token == self.eot_token_id:

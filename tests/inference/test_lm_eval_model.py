@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from moe_lm.errors import MoeLMError
-from moe_lm.export_hf import export
+from moe_lm.interop.hf_export import export
 from moe_lm.inference import load_model
 from moe_lm.inference import lm_eval_model
 from moe_lm.inference.lm_eval_model import MoeLM

@@ -11,6 +11,7 @@ from moe_lm.eval import main as eval_main
 from moe_lm.inference import load_model
 from moe_lm.inference.task_eval import evaluate_tasks
 from moe_lm.inference.cli import run_cli
+from moe_lm.reporting.sweep_report import write_report
 from tests.conftest import read_metrics
 from tests.training.helpers import train_in_process
 
@@ -75,7 +76,7 @@ def test_an_unknown_task_is_a_clear_error(tiny_run, offline, capsys):
 
 def test_training_logs_task_metric_rows_equal_to_evaluating_the_checkpoint(
         tmp_path, tiny_overrides, offline):
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / "sweep" / "0"  # job 0 of a sweep, for the report below
     train_in_process(run_dir, [*tiny_overrides, "trainer.max_steps=4", "trainer.eval_every=4",
                                "trainer.ckpt_every=4",
                                "trainer.eval_tasks=[moe_lm_test_mc,moe_lm_test_gen]",
@@ -93,3 +94,10 @@ def test_training_logs_task_metric_rows_equal_to_evaluating_the_checkpoint(
     for key in keys:
         _, task, metric = key.split("/")
         assert rows[4][key] == pytest.approx(row["results"][task][metric], abs=1e-6)
+    # the sweep report shows each task metric as a column (its last value)
+    text, _ = write_report(tmp_path / "sweep")
+    header, _, job_row = [line for line in text.splitlines() if line.startswith("|")][:3]
+    columns = [c.strip() for c in header.split("|")]
+    cells = [c.strip() for c in job_row.split("|")]
+    for key in keys:
+        assert cells[columns.index(key[len("eval/"):])] == f"{rows[4][key]:.4f}"
