@@ -13,7 +13,7 @@ from moe_lm.inference.task_eval import evaluate_tasks
 from moe_lm.inference.cli import run_cli
 from moe_lm.reporting.sweep_report import write_report
 from tests.conftest import read_metrics
-from tests.training.helpers import train_in_process
+from tests.training.helpers import train_run
 
 pytest.importorskip("lm_eval")
 
@@ -77,7 +77,7 @@ def test_an_unknown_task_is_a_clear_error(tiny_run, offline, capsys):
 def test_training_logs_task_metric_rows_equal_to_evaluating_the_checkpoint(
         tmp_path, tiny_overrides, offline):
     run_dir = tmp_path / "sweep" / "0"  # job 0 of a sweep, for the report below
-    train_in_process(run_dir, [*tiny_overrides, "trainer.max_steps=4", "trainer.eval_every=4",
+    train_run(run_dir, [*tiny_overrides, "trainer.max_steps=4", "trainer.eval_every=4",
                                "trainer.ckpt_every=4",
                                "trainer.eval_tasks=[moe_lm_test_mc,moe_lm_test_gen]",
                                "trainer.eval_tasks_limit=3",
