@@ -172,6 +172,11 @@ class TrainerConfig:
     resume: str = "auto"  # auto | never | must: see moe_lm.training.resume
     resume_allow_changes: list[str] = field(default_factory=list)  # changed keys accepted on resume
     monitor: RoutingMonitorConfig = field(default_factory=RoutingMonitorConfig)
+    # lm-eval tasks run at each eval (needs the [eval] extra), logged as eval/<task>/<metric>
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_tasks_limit: int = 0  # documents per task (0: all of them)
+    eval_tasks_num_fewshot: Optional[int] = None  # None: each task's own
+    eval_tasks_include_path: Optional[str] = None  # a directory of task YAMLs (local files)
 
 
 @dataclass
@@ -333,6 +338,8 @@ def validate(cfg: TrainConfig) -> None:
     _check(min(t.log_every, t.eval_every, t.ckpt_every, t.keep_last, t.eval_batches) >= 1,
            "trainer.log_every, eval_every, ckpt_every, keep_last and eval_batches must be >= 1.")
     _check(t.device in ("auto", "cpu", "cuda"), f"trainer.device={t.device!r}: auto, cpu or cuda.")
+    _check(t.eval_tasks_limit >= 0 and (t.eval_tasks_num_fewshot or 0) >= 0,
+           "trainer.eval_tasks_limit (0 = every document) and eval_tasks_num_fewshot must be >= 0.")
     _check(0 <= t.monitor.dead_frac < 1 and 0 <= t.monitor.collapse_entropy < 1
            and t.monitor.window >= 1,
            "trainer.monitor.dead_frac and collapse_entropy must lie in [0, 1) (0 turns a check "

@@ -19,6 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from moe_lm.config import TrainConfig, to_train_config
+from moe_lm.inference.task_eval import TrainingTaskEval
 from moe_lm.launch import job_status, slurm
 from moe_lm.planning.dry_run import run_dry_run
 from moe_lm.planning.guard import Hardware, check_launch
@@ -67,7 +68,8 @@ def torchrun_args(cfg: DictConfig) -> list[str]:
 
 
 def run(cfg: TrainConfig, run_dir: Path, dcfg: DictConfig | None = None) -> dict[str, Any]:
-    """`trainer.dry_run=true`: one forward and backward on the meta device; else the training run.
+    """`trainer.dry_run=true`: one forward and backward on the meta device; else the training run
+    (with the lm-eval tasks of `trainer.eval_tasks` at each evaluation).
 
     With `dcfg` (the composed config) the run's `.hydra/` is written, once the resume is decided:
     a refused resume records nothing."""
@@ -76,7 +78,8 @@ def run(cfg: TrainConfig, run_dir: Path, dcfg: DictConfig | None = None) -> dict
         if record is not None:
             record()
         return run_dry_run(cfg, run_dir)
-    return run_training(cfg, run_dir, on_start=record)
+    task_eval = TrainingTaskEval(cfg, run_dir) if cfg.trainer.eval_tasks else None
+    return run_training(cfg, run_dir, task_eval, on_start=record)
 
 
 def in_sweep() -> bool:

@@ -55,7 +55,11 @@ def resolve_device(name: str) -> torch.device:
 class Trainer:
     """Holds one run's model, optimizer, data and logger; `fit()` trains to the end."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path):
+    def __init__(self, cfg: TrainConfig, run_dir: Path,
+                 task_eval: Callable[..., dict[str, float]] | None = None):
+        # task_eval(model, tokenizer, step) -> {"eval/<task>/<metric>": value}: the lm-eval tasks
+        # of trainer.eval_tasks, built by the caller (inference sits above the training layer)
+        self.task_eval = task_eval
         self.run_dir = Path(run_dir)
         self.device = resolve_device(cfg.trainer.device)
         if self.device.type == "cpu":
@@ -241,7 +245,10 @@ class Trainer:
         mixture: `val/<name>/loss`, and `val_loss` their mean under the mixture's weights)."""
         self.model.eval()
         rows = self.data.eval_row({n: self._val_loss(self.val_batches(n)) for n in self.data.val})
-        return {"step": self.step, **rows, "val_ppl": math.exp(min(rows["val_loss"], 50.0))}
+        row = {"step": self.step, **rows, "val_ppl": math.exp(min(rows["val_loss"], 50.0))}
+        if self.task_eval is not None:  # every rank runs them (sharded weights), rank 0 logs
+            row.update(self.task_eval(self.model, self.tokenizer, self.step))
+        return row
 
     def _val_loss(self, batches: Iterator[torch.Tensor]) -> float:
         total, n = torch.zeros((), device=self.device), 0
@@ -342,11 +349,13 @@ def _sigterm_flag(trainer: Trainer):
 
 
 def run_training(cfg: TrainConfig, run_dir: Path,
+                 task_eval: Callable[..., dict[str, float]] | None = None,
                  on_start: Callable[[], None] | None = None) -> dict[str, Any]:
     """Builds everything, resumes if the run directory holds a checkpoint, trains, logs.
 
-    `on_start` runs once the resume is decided (what the entry point records as the config that
-    ran: a refused resume records nothing).
+    `task_eval` (see `Trainer`) adds the lm-eval task metrics to every evaluation row; `on_start`
+    runs once the resume is decided (what the entry point records as the config that ran: a
+    refused resume records nothing).
 
     Under torchrun it first checks the layout against the world size, then joins the process
     group (and leaves it at the end, also after an error).
@@ -357,7 +366,7 @@ def run_training(cfg: TrainConfig, run_dir: Path,
                     if not dist_utils.is_initialized() else dist_utils.world_size(), device_type)
     created = dist_utils.init_from_env(device_type, cfg.trainer.collective_timeout_s)
     try:
-        trainer = Trainer(cfg, run_dir)
+        trainer = Trainer(cfg, run_dir, task_eval)
         trainer.resume_if_possible()
         if on_start is not None:
             on_start()
