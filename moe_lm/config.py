@@ -73,6 +73,8 @@ class ParallelConfig:
     dp_shard: int = 1
     ep: int = 1
     dp_replicate: int = 1
+    tp: int = 1  # tensor parallel degree (attention, dense MLPs, shared experts; sequence parallel)
+    pp: int = 1  # pipeline stages; only 1 is supported so far (see README, Scale-out)
 
 
 @dataclass

@@ -6,7 +6,7 @@
     init_on_device(model, device, seed)              # each rank allocates + fills its shards
 
 Order inside `parallelize`: activation checkpointing hooks first (they then wrap FSDP's
-all-gathers), then per MoE layer the EP split of the experts and their own FSDP group, then each
+all-gathers), tensor parallelism (`parallel.tp`, DTensor styles), then per MoE layer the EP split of the experts and their own FSDP group, then each
 block, then the root (embeddings, final norm, LM head).
 """
 
@@ -26,8 +26,10 @@ from moe_lm.config import TrainConfig
 from moe_lm.errors import ConfigError
 from moe_lm.parallel.checkpointing import apply_activation_checkpointing
 from moe_lm.parallel.expert_parallel import ExpertParallelDispatcher, distribute_experts
-from moe_lm.parallel.mesh import dense_mesh, expert_fsdp_mesh
+from moe_lm.parallel.mesh import data_parallel_size, dense_mesh, expert_fsdp_mesh
 from moe_lm.parallel.precision import Precision
+from moe_lm.parallel.tensor_parallel import (apply_tensor_parallel, check_tensor_parallel,
+                                             fsdp_shard_dim)
 
 
 def expert_shard_dim(shape: torch.Size, dp_shard: int) -> int:
@@ -50,13 +52,19 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: TrainConfig,
     `precision` (default: `trainer.precision` on the mesh's device) sets FSDP2's mixed precision;
     the planner passes the target device's, its own mesh being on the CPU.
     """
+    check_tensor_parallel(cfg)
     apply_activation_checkpointing(model, cfg.trainer.activation_checkpointing)
     if mesh is None:
         return model
     if precision is None:
         precision = Precision.resolve(cfg.trainer.precision, mesh.device_type)
     mp = precision.fsdp_policy()
-    world = mesh.size()
+    world = data_parallel_size(mesh)  # tp ranks hold the same tokens: not part of the average
+    dense = dense_mesh(mesh)
+    placement = None
+    if mesh["tp"].size() > 1:
+        apply_tensor_parallel(model, mesh["tp"])
+        placement = lambda p: fsdp_shard_dim(p, dense.size(dense.ndim - 1))  # noqa: E731
     ep, dp_shard = mesh["ep"].size(), mesh["dp_shard"].size()
     sum_only = dist.get_backend() == "gloo"  # gloo has no PREMUL_SUM reduction
     for block in model.layers:
@@ -75,8 +83,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: TrainConfig,
                     moe.experts.set_force_sum_reduction_for_comms(True)
             moe.set_dispatcher(ExpertParallelDispatcher(moe.cfg.num_experts, dist.group.WORLD,
                                                         ep_group))
-        fully_shard(block, mesh=dense_mesh(mesh), mp_policy=mp)
-    fully_shard(model, mesh=dense_mesh(mesh), mp_policy=mp)
+        fully_shard(block, mesh=dense, mp_policy=mp, shard_placement_fn=placement)
+    fully_shard(model, mesh=dense, mp_policy=mp, shard_placement_fn=placement)
     return model
 
 

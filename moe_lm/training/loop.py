@@ -23,6 +23,8 @@ from moe_lm.model import Transformer
 from moe_lm.objectives import ExtraObjectives
 from moe_lm.model.routers import Router
 from moe_lm.parallel import build_mesh, clip_grad_norm_, init_on_device, parallelize, validate_layout
+from moe_lm.parallel.mesh import data_parallel_rank, data_parallel_size
+from moe_lm.parallel.tensor_parallel import check_tensor_parallel
 from moe_lm.parallel.precision import Precision
 from moe_lm.training import distributed as dist_utils
 from moe_lm.training.compile import compile_blocks
@@ -62,6 +64,7 @@ class Trainer:
         if self.device.type == "cpu":
             keep_freed_cpu_memory()  # large CPU tensors reuse the heap instead of page faults
         validate_layout(cfg.parallel, cfg.expert, dist_utils.world_size(), self.device.type)
+        check_tensor_parallel(cfg)
         torch.manual_seed(cfg.trainer.seed)
         tokenizer = get_tokenizer(cfg.data.tokenizer)
         shard_dir = prepare(cfg.data, tokenizer)
@@ -84,7 +87,9 @@ class Trainer:
         self.objectives = ExtraObjectives(cfg, self.model, self.device, tokenizer.name)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
-        d, r, w = cfg.data, dist_utils.rank(), dist_utils.world_size()
+        # the ranks of a tensor-parallel group read the same batch
+        self.dp_size = data_parallel_size(self.mesh)
+        d, r, w = cfg.data, data_parallel_rank(self.mesh), self.dp_size
         self.train_data = TokenLoader(shard_dir, "train", d.seq_len, d.batch_size,
                                       cfg.trainer.seed, rank=r, world_size=w)
         self.val_data = TokenLoader(shard_dir, "val", d.seq_len, d.batch_size, cfg.trainer.seed,
@@ -121,8 +126,9 @@ class Trainer:
 
     @property
     def windows_per_batch(self) -> int:
-        """Sequences one loader position spans over all ranks (data.batch_size x world size)."""
-        return self.cfg.data.batch_size * dist_utils.world_size()
+        """Sequences one loader position spans over all ranks (data.batch_size x data-parallel
+        size)."""
+        return self.cfg.data.batch_size * self.dp_size
 
     def check_batch_layout(self, state: dict[str, Any], path: Path) -> None:
         """A checkpoint's data position counts global batches: they must stay the same size."""
@@ -131,7 +137,7 @@ class Trainer:
             raise CheckpointError(
                 f"The checkpoint {path} was saved with {saved} sequences per step over all ranks, "
                 f"this run has {self.windows_per_batch} (data.batch_size="
-                f"{self.cfg.data.batch_size} x {dist_utils.world_size()} rank(s)); its data "
+                f"{self.cfg.data.batch_size} x {self.dp_size} data-parallel rank(s)); its data "
                 "position would point elsewhere. Set data.batch_size so that data.batch_size x "
                 f"world size = {saved} to resume it under this layout.")
 
@@ -168,7 +174,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         d = self.cfg.data
-        step_tokens = t.grad_accum * d.batch_size * d.seq_len * dist_utils.world_size()
+        step_tokens = t.grad_accum * d.batch_size * d.seq_len * self.dp_size
         self.tokens_seen += step_tokens
         # device tensors until `finish_row` reads them at a logging step: no host-device sync here
         return {"step": self.step, **sums, "lr": lr, "grad_norm": grad_norm,
