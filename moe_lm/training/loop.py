@@ -63,8 +63,8 @@ class Trainer:
         self.device = resolve_device(cfg.trainer.device)
         if self.device.type == "cpu":
             keep_freed_cpu_memory()  # large CPU tensors reuse the heap instead of page faults
-        validate_layout(cfg.parallel, cfg.expert, dist_utils.world_size(), self.device.type)
         check_tensor_parallel(cfg)
+        validate_layout(cfg.parallel, cfg.expert, dist_utils.world_size(), self.device.type)
         torch.manual_seed(cfg.trainer.seed)
         tokenizer = get_tokenizer(cfg.data.tokenizer)
         shard_dir = prepare(cfg.data, tokenizer)
@@ -336,6 +336,7 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     group (and leaves it at the end, also after an error).
     """
     device_type = resolve_device(cfg.trainer.device).type
+    check_tensor_parallel(cfg)
     validate_layout(cfg.parallel, cfg.expert, dist_utils.launched_world_size()
                     if not dist_utils.is_initialized() else dist_utils.world_size(), device_type)
     created = dist_utils.init_from_env(device_type, cfg.trainer.collective_timeout_s)
