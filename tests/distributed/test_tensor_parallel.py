@@ -54,4 +54,4 @@ def test_tp_not_dividing_heads_or_hidden_is_refused(tp, change, match):
 def test_tp_not_dividing_the_sequence_fails_before_the_model(tmp_path, tiny_overrides,
                                                              no_model_allocation):  # noqa: F811
     with pytest.raises(ConfigError, match=r"parallel.tp=2 must divide data.seq_len"):
-        train_in_process(tmp_path, [*tiny_overrides, "data.seq_len=30", "parallel.tp=2"])
+        train_in_process(tmp_path, [*tiny_overrides, "data.seq_len=31", "parallel.tp=2"])
