@@ -89,26 +89,31 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: TrainConfig,
 
 
 @torch.no_grad()
-def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float,
+                    pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Clips gradients to a total 2-norm of `max_norm`; returns the norm before clipping.
 
     The norm is that of the whole unsharded model: sharded (DTensor) gradients are reduced over
     their mesh, and parameters living on different meshes (dense vs expert weights) are combined
-    here, which torch's clip_grad_norm_ cannot do in one call.
+    here, which torch's clip_grad_norm_ cannot do in one call. With `pp_group` (pipeline
+    parallelism: each rank holds some stages) the stages' squared norms are summed over it.
     """
     groups: dict[object, list[torch.Tensor]] = {}
     for p in parameters:
         if p.grad is not None:
             key = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
             groups.setdefault(key, []).append(p.grad)
-    if not groups:
-        return torch.zeros(())
     norms = []
     for grads in groups.values():
         norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
         norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-    device = norms[0].device
-    total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+    device = norms[0].device if norms else torch.device("cpu")
+    total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms] or
+                                                 [torch.zeros((), device=device)]))
+    if pp_group is not None:
+        square = total.pow(2)
+        dist.all_reduce(square, group=pp_group)
+        total = square.sqrt()
     coef = max_norm / (float(total) + 1e-6)
     if coef < 1.0 and math.isfinite(coef):
         for grads in groups.values():
