@@ -50,9 +50,10 @@ def validate_layout(parallel: ParallelConfig, expert: ExpertConfig, world_size: 
         raise ConfigError(f"parallel.dp_replicate={r}, parallel.dp_shard={s}, parallel.ep={e} "
                           f"and parallel.tp={t} must all be >= 1.")
     if parallel.pp != 1:
-        raise ConfigError(f"parallel.pp={parallel.pp}: pipeline parallelism is not available in "
-                          "this version; set parallel.pp=1 and split the model with "
-                          "parallel.tp, parallel.dp_shard and parallel.ep instead.")
+        raise ConfigError(f"parallel.pp={parallel.pp}: the training loop does not run pipeline "
+                          "stages yet (moe_lm.parallel.pipeline builds and schedules them); set "
+                          "parallel.pp=1 and split the model with parallel.tp, parallel.dp_shard "
+                          "and parallel.ep instead.")
     if r * s * e * t != world_size:
         hint = (f" (e.g. parallel.dp_shard={world_size // (r * e * t)})"
                 if world_size % (r * e * t) == 0 else "")

@@ -179,7 +179,7 @@ def build_schedule(modules: list[StageModule], ids: list[int], pp: int, schedule
     cls = get_schedule_class(schedule)
 
     def loss_fn(out, target):
-        return out[0]
+        return out[0].clone()  # not a view: zero-bubble schedules detach the loss in place
 
     if issubclass(cls, PipelineScheduleMulti):
         return cls(stages, n_microbatches=microbatches, loss_fn=loss_fn)
