@@ -118,11 +118,10 @@ def data_parallel_size(mesh: DeviceMesh | None) -> int:
     return 1 if mesh is None else mesh.size() // mesh["tp"].size()
 
 
-def data_parallel_rank(mesh: DeviceMesh | None) -> int:
-    """Which slice of the batch this rank reads: its rank in the mesh over tp."""
-    if mesh is None:
-        return 0
-    return mesh.get_rank() // mesh["tp"].size()  # tp is the innermost (fastest) dim
+def data_parallel_coords(parallel: ParallelConfig, rank: int, world: int) -> tuple[int, int]:
+    """(which slice of the batch this rank reads, how many slices): the ranks of one tp group
+    (the innermost mesh dim, consecutive ranks) read the same slice."""
+    return rank // parallel.tp, max(world // parallel.tp, 1)
 
 
 def device_type_for(device: torch.device | str) -> str:
