@@ -55,3 +55,25 @@ def test_tp_not_dividing_the_sequence_fails_before_the_model(tmp_path, tiny_over
                                                              no_model_allocation):  # noqa: F811
     with pytest.raises(ConfigError, match=r"parallel.tp=2 must divide data.seq_len"):
         train_in_process(tmp_path, [*tiny_overrides, "data.seq_len=31", "parallel.tp=2"])
+
+
+@pytest.mark.slow
+def test_checkpoints_reshard_between_tp_2_and_one_process(tmp_path, dist_overrides):
+    """Saved with tp=2, resumed by one process, and the other way round: the DCP checkpoint
+    holds the full tensors under the same names, so steps 4-5 equal the uninterrupted run."""
+    overrides = [*dist_overrides, f"data.batch_size={PER_RANK_BATCH * WORLD}",
+                 "expert.num_shared=1"]
+    single = tmp_path / "single"
+    train_in_process(single, overrides)
+    want = train_losses(single)
+    proc = torchrun_train(tmp_path / "a", [*overrides, "parallel.tp=2", "trainer.stop_at=3"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    train_in_process(tmp_path / "a", overrides)
+    train_in_process(tmp_path / "b", [*overrides, "trainer.stop_at=3"])
+    proc = torchrun_train(tmp_path / "b", [*overrides, "parallel.tp=2"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout + proc.stderr
+    for run in ("a", "b"):
+        got = train_losses(tmp_path / run)
+        print(run, got, "\nsingle:", want)
+        assert_losses_close(got, want, range(1, STEPS + 1))
