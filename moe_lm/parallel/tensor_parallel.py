@@ -64,6 +64,9 @@ def check_tensor_parallel(cfg: TrainConfig) -> None:
             f"parallel.tp={tp} must divide {', '.join(bad)}: each tensor-parallel rank holds an "
             "equal share of the heads, hidden units and sequence. Choose a tp that divides them "
             "(tp=1 turns tensor parallelism off).")
+    if m.qk_norm != "none":  # its weights would see only this rank's heads
+        raise ConfigError(f"model.qk_norm={m.qk_norm} with parallel.tp > 1 is not supported yet: "
+                          "set parallel.tp=1 for this architecture.")
     if cfg.trainer.compile:
         raise ConfigError("trainer.compile=true with parallel.tp > 1 is not supported yet: set "
                           "trainer.compile=false, or parallel.tp=1.")
