@@ -114,8 +114,7 @@ class StageModule(nn.Module):
         if self.first:  # x: the (B, S+1) token batch
             x, targets_BS = self.embed(x[:, :-1]), x[:, 1:].contiguous()  # contiguous: sent
             terms_N = torch.zeros(len(self.term_names), device=x.device)
-        rope_SF2 = rotary_tables(x.shape[1], self.cfg.d_model // self.cfg.n_heads,
-                                 self.cfg.rope_theta, x.device)
+        rope_SF2 = rotary_tables(x.shape[1], self.cfg.head_width, self.cfg.rope_theta, x.device)
         for layer in self.layers.values():
             x, stats = layer(x, rope_SF2, None)
             if stats is not None:
