@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -84,6 +84,11 @@ class ParallelConfig:
     dp_shard: int = 1
     ep: int = 1
     dp_replicate: int = 1
+    tp: int = 1  # tensor parallel degree (attention, dense MLPs, shared experts; sequence parallel)
+    pp: int = 1  # pipeline ranks (moe_lm.parallel.pipeline; the Trainer runs pp=1 so far)
+    pp_schedule: str = "1F1B"  # 1F1B | Interleaved1F1B | InterleavedZeroBubble | ZBVZeroBubble
+    pp_microbatches: int = 0  # microbatches per step under pp (0: one per pipeline rank)
+    pp_layers: Optional[List[int]] = None  # blocks per stage (None: an even split)
 
 
 @dataclass

@@ -6,7 +6,7 @@
     init_on_device(model, device, seed)              # each rank allocates + fills its shards
 
 Order inside `parallelize`: activation checkpointing hooks first (they then wrap FSDP's
-all-gathers), then per MoE layer the EP split of the experts and their own FSDP group, then each
+all-gathers), tensor parallelism (`parallel.tp`, DTensor styles), then per MoE layer the EP split of the experts and their own FSDP group, then each
 block, then the root (embeddings, final norm, LM head).
 """
 
@@ -26,8 +26,10 @@ from moe_lm.config import TrainConfig
 from moe_lm.errors import ConfigError
 from moe_lm.parallel.checkpointing import apply_activation_checkpointing
 from moe_lm.parallel.expert_parallel import ExpertParallelDispatcher, distribute_experts
-from moe_lm.parallel.mesh import dense_mesh, expert_fsdp_mesh
+from moe_lm.parallel.mesh import data_parallel_size, dense_mesh, expert_fsdp_mesh
 from moe_lm.parallel.precision import Precision
+from moe_lm.parallel.tensor_parallel import (apply_tensor_parallel, check_tensor_parallel,
+                                             fsdp_shard_dim)
 
 
 def expert_shard_dim(shape: torch.Size, dp_shard: int) -> int:
@@ -50,13 +52,19 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: TrainConfig,
     `precision` (default: `trainer.precision` on the mesh's device) sets FSDP2's mixed precision;
     the planner passes the target device's, its own mesh being on the CPU.
     """
+    check_tensor_parallel(cfg)
     apply_activation_checkpointing(model, cfg.trainer.activation_checkpointing)
     if mesh is None:
         return model
     if precision is None:
         precision = Precision.resolve(cfg.trainer.precision, mesh.device_type)
     mp = precision.fsdp_policy()
-    world = mesh.size()
+    world = data_parallel_size(mesh)  # tp ranks hold the same tokens: not part of the average
+    dense = dense_mesh(mesh)
+    placement = None
+    if mesh["tp"].size() > 1:
+        apply_tensor_parallel(model, mesh["tp"])
+        placement = lambda p: fsdp_shard_dim(p, dense.size(dense.ndim - 1))  # noqa: E731
     ep, dp_shard = mesh["ep"].size(), mesh["dp_shard"].size()
     sum_only = dist.get_backend() == "gloo"  # gloo has no PREMUL_SUM reduction
     for block in model.layers:
@@ -75,34 +83,39 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: TrainConfig,
                     moe.experts.set_force_sum_reduction_for_comms(True)
             moe.set_dispatcher(ExpertParallelDispatcher(moe.cfg.num_experts, dist.group.WORLD,
                                                         ep_group))
-        fully_shard(block, mesh=dense_mesh(mesh), mp_policy=mp)
-    fully_shard(model, mesh=dense_mesh(mesh), mp_policy=mp)
+        fully_shard(block, mesh=dense, mp_policy=mp, shard_placement_fn=placement)
+    fully_shard(model, mesh=dense, mp_policy=mp, shard_placement_fn=placement)
     return model
 
 
 @torch.no_grad()
-def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float | None) -> torch.Tensor:
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float | None,
+                    pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Clips gradients to a total 2-norm of `max_norm`; returns the norm before clipping.
 
     `max_norm=None` (`optim.grad_clip=null`) only measures the norm.
 
     The norm is that of the whole unsharded model: sharded (DTensor) gradients are reduced over
     their mesh, and parameters living on different meshes (dense vs expert weights) are combined
-    here, which torch's clip_grad_norm_ cannot do in one call.
+    here, which torch's clip_grad_norm_ cannot do in one call. With `pp_group` (pipeline
+    parallelism: each rank holds some stages) the stages' squared norms are summed over it.
     """
     groups: dict[object, list[torch.Tensor]] = {}
     for p in parameters:
         if p.grad is not None:
             key = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
             groups.setdefault(key, []).append(p.grad)
-    if not groups:
-        return torch.zeros(())
     norms = []
     for grads in groups.values():
         norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
         norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-    device = norms[0].device
-    total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+    device = norms[0].device if norms else torch.device("cpu")
+    total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms] or
+                                                 [torch.zeros((), device=device)]))
+    if pp_group is not None:
+        square = total.pow(2)
+        dist.all_reduce(square, group=pp_group)
+        total = square.sqrt()
     if max_norm is None:
         return total
     coef = max_norm / (float(total) + 1e-6)

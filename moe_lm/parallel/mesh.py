@@ -1,6 +1,7 @@
-"""The device mesh: `parallel.dp_replicate x parallel.dp_shard x parallel.ep` ranks, checked first.
+"""The device mesh: `parallel.dp_replicate x dp_shard x ep x tp` ranks, checked first.
 
-Every rank works on its own slice of the batch, so the data-parallel degree is the whole world.
+Every rank of a tensor-parallel group (`tp`, the innermost dim: neighbouring ranks, fast links)
+works on the same slice of the batch; the data-parallel degree is the world over tp.
 Parameters are laid out over the mesh like this:
 
     dense weights (attention, norms, embeddings, router, dense MLPs)
@@ -8,6 +9,8 @@ Parameters are laid out over the mesh like this:
     expert weights (E, ., .)
         split by expert over ep (rank i holds experts [i*E/ep, (i+1)*E/ep)), FSDP-sharded over
         dp_shard, replicated over dp_replicate
+    with tp > 1 (moe_lm.parallel.tensor_parallel) attention, dense MLPs and shared experts are
+        also split over tp; router and routed experts are replicated over tp
 
 `validate_layout` runs before any process group or model exists, so a bad layout costs seconds,
 not a model allocation. `build_mesh` needs an initialised default process group (torchrun, or a
@@ -16,6 +19,7 @@ fake one for planning) and returns None for a single process.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -25,13 +29,13 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from moe_lm.config import ExpertConfig, ParallelConfig
 from moe_lm.errors import ConfigError
 
-MESH_DIMS = ("dp_replicate", "dp_shard", "ep")
+MESH_DIMS = ("dp_replicate", "dp_shard", "ep", "tp")
 DENSE_SHARD_DIM = "dp_shard_ep"  # dp_shard and ep flattened: what dense weights shard over
 
 
-def mesh_shape(parallel: ParallelConfig) -> tuple[int, int, int]:
-    """(dp_replicate, dp_shard, ep), the mesh shape in MESH_DIMS order."""
-    return (parallel.dp_replicate, parallel.dp_shard, parallel.ep)
+def mesh_shape(parallel: ParallelConfig) -> tuple[int, int, int, int]:
+    """(dp_replicate, dp_shard, ep, tp), the mesh shape in MESH_DIMS order."""
+    return (parallel.dp_replicate, parallel.dp_shard, parallel.ep, parallel.tp)
 
 
 def validate_layout(parallel: ParallelConfig, expert: ExpertConfig, world_size: int,
@@ -41,18 +45,24 @@ def validate_layout(parallel: ParallelConfig, expert: ExpertConfig, world_size: 
     Checks: the mesh product equals the world size, the experts split evenly over `ep`, and no
     CUDA-only setting is asked of a CPU run. Call it before allocating anything.
     """
-    r, s, e = mesh_shape(parallel)
-    if min(r, s, e) < 1:
-        raise ConfigError(f"parallel.dp_replicate={r}, parallel.dp_shard={s} and parallel.ep={e} "
-                          "must all be >= 1.")
-    if r * s * e != world_size:
-        hint = (f" (e.g. parallel.dp_shard={world_size // (r * e)})"
-                if world_size % (r * e) == 0 else "")
+    r, s, e, t = mesh_shape(parallel)
+    if min(r, s, e, t) < 1:
+        raise ConfigError(f"parallel.dp_replicate={r}, parallel.dp_shard={s}, parallel.ep={e} "
+                          f"and parallel.tp={t} must all be >= 1.")
+    if parallel.pp != 1:
+        raise ConfigError(f"parallel.pp={parallel.pp}: the training loop does not run pipeline "
+                          "stages yet (moe_lm.parallel.pipeline builds and schedules them); set "
+                          "parallel.pp=1 and split the model with parallel.tp, parallel.dp_shard "
+                          "and parallel.ep instead.")
+    if r * s * e * t != world_size:
+        hint = (f" (e.g. parallel.dp_shard={world_size // (r * e * t)})"
+                if world_size % (r * e * t) == 0 else "")
+        tp_text = f" x parallel.tp={t}" if t > 1 else ""
         raise ConfigError(
-            f"The mesh parallel.dp_replicate={r} x parallel.dp_shard={s} x parallel.ep={e} = "
-            f"{r * s * e} ranks, but this run has {world_size} process(es). Make the product equal "
-            f"the world size{hint}, or launch {r * s * e} processes (torchrun "
-            f"--nproc_per_node=N, x nodes).")
+            f"The mesh parallel.dp_replicate={r} x parallel.dp_shard={s} x parallel.ep={e}"
+            f"{tp_text} = {r * s * e * t} ranks, but this run has {world_size} process(es). Make "
+            f"the product equal the world size{hint}, or launch {r * s * e * t} processes "
+            "(torchrun --nproc_per_node=N, x nodes).")
     if expert.num_experts % e != 0:
         raise ConfigError(
             f"expert.num_experts={expert.num_experts} is not divisible by parallel.ep={e}: each EP "
@@ -68,7 +78,7 @@ def validate_layout(parallel: ParallelConfig, expert: ExpertConfig, world_size: 
 
 def build_mesh(parallel: ParallelConfig, device_type: str,
                expert: ExpertConfig | None = None) -> DeviceMesh | None:
-    """The 3-D DeviceMesh ("dp_replicate", "dp_shard", "ep") over the default process group.
+    """The 4-D DeviceMesh ("dp_replicate", "dp_shard", "ep", "tp") over the default process group.
 
     Returns None for a single process (nothing to shard). Works with any backend, including
     torch's fake process group (planning a large world inside one process). With `expert`, the
@@ -77,9 +87,9 @@ def build_mesh(parallel: ParallelConfig, device_type: str,
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     if expert is not None:
         validate_layout(parallel, expert, world, device_type)
-    elif world != parallel.dp_replicate * parallel.dp_shard * parallel.ep:
+    elif world != math.prod(mesh_shape(parallel)):
         raise ConfigError(f"The mesh {mesh_shape(parallel)} does not match the world size "
-                          f"{world}; make dp_replicate x dp_shard x ep equal it.")
+                          f"{world}; make dp_replicate x dp_shard x ep x tp equal it.")
     if world == 1:
         return None
     mesh = init_device_mesh(device_type, mesh_shape(parallel), mesh_dim_names=MESH_DIMS)
@@ -104,8 +114,14 @@ def expert_fsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:
 
 
 def data_parallel_size(mesh: DeviceMesh | None) -> int:
-    """How many ranks split the batch: the whole mesh (every rank reads its own data)."""
-    return 1 if mesh is None else mesh.size()
+    """How many ranks split the batch: the whole mesh over tp (a tp group reads one slice)."""
+    return 1 if mesh is None else mesh.size() // mesh["tp"].size()
+
+
+def data_parallel_coords(parallel: ParallelConfig, rank: int, world: int) -> tuple[int, int]:
+    """(which slice of the batch this rank reads, how many slices): the ranks of one tp group
+    (the innermost mesh dim, consecutive ranks) read the same slice."""
+    return rank // parallel.tp, max(world // parallel.tp, 1)
 
 
 def device_type_for(device: torch.device | str) -> str:

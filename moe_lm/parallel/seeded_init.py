@@ -80,7 +80,7 @@ def fill_from_blocks(t: torch.Tensor, name: str, seed: int, fill) -> None:
         block = torch.empty((end - start, *shape[1:]), dtype=torch.float32)
         fill(block, gen)
         a, b = max(lo, start), min(hi, end)
-        local[(slice(a - lo, b - lo), *inner)].copy_(block[(slice(a - start, b - start), *inner)])
+        local[a - lo:b - lo].copy_(block[(slice(a - start, b - start), *inner)])
 
 
 class _SeededFills(TorchFunctionMode):

@@ -91,7 +91,7 @@ def measure_training_peak_distributed(cfg: TrainConfig, steps: int = 2) -> list[
     import torch.multiprocessing as mp
 
     p = cfg.parallel
-    nprocs = p.dp_replicate * p.dp_shard * p.ep
+    nprocs = p.dp_replicate * p.dp_shard * p.ep * p.tp
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
         mp.spawn(_rank_main, args=(cfg, nprocs, init_file, tmp, steps), nprocs=nprocs)

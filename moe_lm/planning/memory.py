@@ -63,7 +63,7 @@ class RankMemory:
 
 def world_size_of(cfg: TrainConfig) -> int:
     p = cfg.parallel
-    return p.dp_replicate * p.dp_shard * p.ep
+    return p.dp_replicate * p.dp_shard * p.ep * p.tp
 
 
 @contextlib.contextmanager

@@ -23,6 +23,8 @@ from moe_lm.model import Transformer
 from moe_lm.training.objectives import ExtraObjectives
 from moe_lm.model.routers import Router
 from moe_lm.parallel import build_mesh, clip_grad_norm_, init_on_device, parallelize, validate_layout
+from moe_lm.parallel.mesh import data_parallel_coords
+from moe_lm.parallel.tensor_parallel import check_tensor_parallel
 from moe_lm.parallel.precision import Precision
 from moe_lm.training import distributed as dist_utils
 from moe_lm.training.compile import compile_blocks
@@ -64,10 +66,13 @@ class Trainer:
         self.device = resolve_device(cfg.trainer.device)
         if self.device.type == "cpu":
             keep_freed_cpu_memory()  # large CPU tensors reuse the heap instead of page faults
+        check_tensor_parallel(cfg)
         validate_layout(cfg.parallel, cfg.expert, dist_utils.world_size(), self.device.type)
         torch.manual_seed(cfg.trainer.seed)
         tokenizer = get_tokenizer(cfg.data.tokenizer)
-        d, r, w = cfg.data, dist_utils.rank(), dist_utils.world_size()
+        # the ranks of a tensor-parallel group read the same batch
+        r, w = data_parallel_coords(cfg.parallel, dist_utils.rank(), dist_utils.world_size())
+        d, self.dp_size = cfg.data, w
         self.data = open_run_data(d, tokenizer, cfg.trainer.seed, r, w)  # bad data fails here
         if cfg.model.vocab_size <= 0:
             cfg = replace(cfg, model=replace(cfg.model, vocab_size=tokenizer.n_vocab))
@@ -138,8 +143,9 @@ class Trainer:
 
     @property
     def windows_per_batch(self) -> int:
-        """Sequences one loader position spans over all ranks (data.batch_size x world size)."""
-        return self.cfg.data.batch_size * dist_utils.world_size()
+        """Sequences one loader position spans over all ranks (data.batch_size x data-parallel
+        size)."""
+        return self.cfg.data.batch_size * self.dp_size
 
     def check_batch_layout(self, state: dict[str, Any], path: Path) -> None:
         """A checkpoint's data position counts global batches: they must stay the same size."""
@@ -148,7 +154,7 @@ class Trainer:
             raise CheckpointError(
                 f"The checkpoint {path} was saved with {saved} sequences per step over all ranks, "
                 f"this run has {self.windows_per_batch} (data.batch_size="
-                f"{self.cfg.data.batch_size} x {dist_utils.world_size()} rank(s)); its data "
+                f"{self.cfg.data.batch_size} x {self.dp_size} data-parallel rank(s)); its data "
                 "position would point elsewhere. Set data.batch_size so that data.batch_size x "
                 f"world size = {saved} to resume it under this layout.")
 
@@ -185,7 +191,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         d = self.cfg.data
-        step_tokens = t.grad_accum * d.batch_size * d.seq_len * dist_utils.world_size()
+        step_tokens = t.grad_accum * d.batch_size * d.seq_len * self.dp_size
         self.tokens_seen += step_tokens
         # device tensors until `finish_row` reads them at a logging step: no host-device sync here
         return {"step": self.step, **sums, "lr": lr, "grad_norm": grad_norm,
@@ -362,6 +368,7 @@ def run_training(cfg: TrainConfig, run_dir: Path,
     """
     cfg = warm_start_config(cfg)  # init.from_checkpoint: the checkpoint's model and tokenizer
     device_type = resolve_device(cfg.trainer.device).type
+    check_tensor_parallel(cfg)
     validate_layout(cfg.parallel, cfg.expert, dist_utils.launched_world_size()
                     if not dist_utils.is_initialized() else dist_utils.world_size(), device_type)
     created = dist_utils.init_from_env(device_type, cfg.trainer.collective_timeout_s)

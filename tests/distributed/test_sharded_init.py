@@ -16,13 +16,14 @@ pytestmark = pytest.mark.distributed
 
 
 def test_per_rank_init_equals_single_process_init(tmp_path):
-    layouts = [(1, 2, 1), (1, 1, 2), (2, 1, 1)]  # FSDP, expert parallel, replicated
+    layouts = [(1, 2, 1), (1, 1, 2), (2, 1, 1), (1, 1, 1, 2)]  # FSDP, EP, replicated, TP
     ranks = spawn_ranks(init_rank, (layouts,), tmp_path)
     for r, result in enumerate(ranks):
         assert result["ok"], result.get("traceback")
         for layout, stats in result["value"].items():
             assert stats["max_diff"] == 0.0, (r, layout, stats)  # bit-identical
-            expected_share = 1.0 if layout == "2x1x1" else 0.5  # HSDP replicates
+            # HSDP replicates; tp replicates the router and routed experts
+            expected_share = 1.0 if layout in ("2x1x1", "1x1x1x2") else 0.5
             assert stats["max_share"] <= expected_share + 1e-9, (r, layout, stats)
 
 

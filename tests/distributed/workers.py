@@ -57,15 +57,16 @@ def tiny_config(parallel: ParallelConfig) -> TrainConfig:
                        parallel=parallel, trainer=TrainerConfig(seed=7))
 
 
-def init_rank(rank: int, layouts: list[tuple[int, int, int]]) -> dict:
+def init_rank(rank: int, layouts: list[tuple[int, ...]]) -> dict:
     """Per layout: the largest difference between the gathered per-rank init and the
     single-process init, and the largest share of any full tensor one rank allocated."""
     dist_utils.init_from_env("cpu", timeout_s=60)
     reference = init_on_device(
         Transformer(*_parts(tiny_config(ParallelConfig()))), "cpu", seed=7).state_dict()
     report = {}
-    for r, s, e in layouts:
-        cfg = tiny_config(ParallelConfig(dp_replicate=r, dp_shard=s, ep=e))
+    for layout in layouts:  # (dp_replicate, dp_shard, ep[, tp])
+        r, s, e, t = (*layout, 1)[:4]
+        cfg = tiny_config(ParallelConfig(dp_replicate=r, dp_shard=s, ep=e, tp=t))
         mesh = build_mesh(cfg.parallel, "cpu", cfg.expert)
         with torch.device("meta"):
             model = Transformer(*_parts(cfg))
@@ -75,7 +76,7 @@ def init_rank(rank: int, layouts: list[tuple[int, int, int]]) -> dict:
         for name, p in model.named_parameters():
             share = max(share, p.to_local().numel() / p.numel())
             diff = max(diff, (p.full_tensor() - reference[name]).abs().max().item())
-        report[f"{r}x{s}x{e}"] = {"max_diff": diff, "max_share": share}
+        report["x".join(map(str, layout))] = {"max_diff": diff, "max_share": share}
     return report
 
 
