@@ -32,7 +32,8 @@ from moe_lm.interop.hf_configs import Derived, derive, read_hf_config
 from moe_lm.interop.hf_weights import IGNORED_SUFFIXES, Recipe, import_recipes
 from moe_lm.interop.safetensors_dir import SafetensorsDir
 from moe_lm.model import Transformer
-from moe_lm.training.checkpoint import model_identity, save_weights
+from moe_lm.training.checkpoint import model_identity
+from moe_lm.training.weights_checkpoint import save_weights
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")
