@@ -167,7 +167,8 @@ def main() -> int:
     p.add_argument("--train-steps", type=int, default=100)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--threads", type=int, default=1, help="torch threads (decode GEMMs are tiny: "
+                   "on a loaded machine more threads wait on each other)")
     p.add_argument("--quantize", nargs="*", default=[m for m in QUANTIZE_MODES if m != "none"])
     p.add_argument("--prune-keep", type=int, default=4, help="experts kept per layer (0: skip)")
     p.add_argument("--ppl-batches", type=int, default=4, help="validation batches for ppl")

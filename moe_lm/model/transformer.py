@@ -109,7 +109,7 @@ class Block(nn.Module):
     def forward(self, x_BSD: torch.Tensor, rope_SF2: torch.Tensor, cache=None):
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), rope_SF2, cache)
         if self.is_moe:
-            mlp_out, stats = self.mlp(self.mlp_norm(x_BSD))
+            mlp_out, stats = self.mlp(self.mlp_norm(x_BSD), with_stats=cache is None)
             return x_BSD + mlp_out, stats
         return x_BSD + self.mlp(self.mlp_norm(x_BSD)), None
 
