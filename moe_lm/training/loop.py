@@ -10,17 +10,17 @@ import contextlib
 import math
 import signal
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
 from moe_lm.config import TrainConfig
-from moe_lm.data import TokenLoader, get_tokenizer, prepare
+from moe_lm.data import get_tokenizer, open_run_data
 from moe_lm.errors import CheckpointError, MoeLMError
 from moe_lm.model import Transformer
-from moe_lm.objectives import ExtraObjectives
+from moe_lm.training.objectives import ExtraObjectives
 from moe_lm.model.routers import Router
 from moe_lm.parallel import build_mesh, clip_grad_norm_, init_on_device, parallelize, validate_layout
 from moe_lm.parallel.precision import Precision
@@ -31,12 +31,15 @@ from moe_lm.training.checkpoint import (
     check_identity,
     list_checkpoints,
     load_checkpoint,
+    model_identity,
     save_checkpoint,
 )
 from moe_lm.training.metrics import MetricsLogger, RoutingAccumulator, score_bias_metrics
 from moe_lm.training.routing_monitor import RoutingMonitor, heatmap_path
 from moe_lm.training.optim import build_optimizer, build_scheduler
 from moe_lm.training.step import forward_backward
+from moe_lm.training.trained_model import load_model_weights, resolve_checkpoint
+from moe_lm.training.warm_start import warm_start_config
 
 
 class TrainingError(MoeLMError):
@@ -64,7 +67,8 @@ class Trainer:
         validate_layout(cfg.parallel, cfg.expert, dist_utils.world_size(), self.device.type)
         torch.manual_seed(cfg.trainer.seed)
         tokenizer = get_tokenizer(cfg.data.tokenizer)
-        shard_dir = prepare(cfg.data, tokenizer)
+        d, r, w = cfg.data, dist_utils.rank(), dist_utils.world_size()
+        self.data = open_run_data(d, tokenizer, cfg.trainer.seed, r, w)  # bad data fails here
         if cfg.model.vocab_size <= 0:
             cfg = replace(cfg, model=replace(cfg.model, vocab_size=tokenizer.n_vocab))
         elif cfg.model.vocab_size < tokenizer.n_vocab:
@@ -78,17 +82,15 @@ class Trainer:
             self.model = Transformer(cfg.model, cfg.expert, cfg.loss)
         parallelize(self.model, self.mesh, cfg, self.precision)
         init_on_device(self.model, self.device, cfg.trainer.seed)  # same values for any layout
+        if cfg.init.from_checkpoint and not list_checkpoints(self.run_dir, warn=False):
+            self.start_from(resolve_checkpoint(cfg.init.from_checkpoint)[0])
         if cfg.trainer.compile:
             compile_blocks(self.model, self.device)
         # distillation teacher / MTP modules (attached as model.mtp, so before the optimizer)
         self.objectives = ExtraObjectives(cfg, self.model, self.device, tokenizer.name)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
-        d, r, w = cfg.data, dist_utils.rank(), dist_utils.world_size()
-        self.train_data = TokenLoader(shard_dir, "train", d.seq_len, d.batch_size,
-                                      cfg.trainer.seed, rank=r, world_size=w)
-        self.val_data = TokenLoader(shard_dir, "val", d.seq_len, d.batch_size, cfg.trainer.seed,
-                                    rank=r, world_size=w)
+        self.train_data = self.data.train
         self.step, self.tokens_seen = 0, 0
         self.routing = RoutingAccumulator()
         self.monitor = RoutingMonitor(cfg.trainer.monitor)
@@ -101,13 +103,23 @@ class Trainer:
     @property
     def identity(self) -> dict[str, Any]:
         """What a checkpoint must match to be resumed by this run."""
-        return {"model": asdict(self.cfg.model), "num_experts": self.cfg.expert.num_experts,
-                "expert_hidden": self.cfg.expert.hidden_size,
-                "num_shared": self.cfg.expert.num_shared, "tokenizer": self.tokenizer.name}
+        return model_identity(self.cfg, self.tokenizer.name)
+
+    def start_from(self, ckpt) -> None:
+        """Takes a checkpoint's model weights only (init.from_checkpoint, or a weights-only
+        checkpoint such as moe_lm.import_hf writes): optimizer, schedule and data start fresh."""
+        check_identity(ckpt, self.identity)
+        load_model_weights(ckpt, self.model)
+        if dist_utils.is_rank0():
+            print(f"starting from the weights of {ckpt.path} (fresh optimizer and schedule)",
+                  flush=True)
 
     def resume_if_possible(self) -> bool:
         """Loads the newest complete checkpoint of the run directory, if any."""
         for ckpt in list_checkpoints(self.run_dir):
+            if ckpt.meta.get("weights_only"):
+                self.start_from(ckpt)
+                return False
             check_identity(ckpt, self.identity)
             state = load_checkpoint(ckpt, self.model, self.optimizer)
             self.scheduler.load_state_dict(state["scheduler"])
@@ -224,10 +236,15 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Mean LM loss over `trainer.eval_batches` fixed validation batches."""
+        """Mean LM loss over `trainer.eval_batches` fixed validation batches (of each source of a
+        mixture: `val/<name>/loss`, and `val_loss` their mean under the mixture's weights)."""
         self.model.eval()
+        rows = self.data.eval_row({n: self._val_loss(self.val_batches(n)) for n in self.data.val})
+        return {"step": self.step, **rows, "val_ppl": math.exp(min(rows["val_loss"], 50.0))}
+
+    def _val_loss(self, batches: Iterator[torch.Tensor]) -> float:
         total, n = torch.zeros((), device=self.device), 0
-        for batch in self.val_batches():
+        for batch in batches:
             batch = batch.to(self.device)
             with self.precision.autocast(self.device.type):
                 out = self.model(batch[:, :-1], batch[:, 1:], return_logits=False)
@@ -236,8 +253,7 @@ class Trainer:
         if dist_utils.is_initialized():
             torch.distributed.all_reduce(total)
             total /= dist_utils.world_size()
-        val_loss = float(total / max(n, 1))
-        return {"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        return float(total / max(n, 1))
 
     def routers(self) -> list[Router]:
         """The MoE layers' routers, in layer order (the order of `ModelOutput.moe_stats`)."""
@@ -263,8 +279,8 @@ class Trainer:
         if path is not None:
             logger.log_image("moe/expert_load_heatmap", path, self.step)
 
-    def val_batches(self) -> Iterator[torch.Tensor]:
-        return self.val_data.val_batches(self.cfg.trainer.eval_batches)
+    def val_batches(self, source: str = "") -> Iterator[torch.Tensor]:
+        return self.data.val[source].val_batches(self.cfg.trainer.eval_batches)
 
     def fit(self, logger: MetricsLogger) -> dict[str, Any]:
         """Trains until `stop_at` / `max_steps` or SIGTERM; always checkpoints at the end."""
@@ -329,6 +345,7 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     Under torchrun it first checks the layout against the world size, then joins the process
     group (and leaves it at the end, also after an error).
     """
+    cfg = warm_start_config(cfg)  # init.from_checkpoint: the checkpoint's model and tokenizer
     device_type = resolve_device(cfg.trainer.device).type
     validate_layout(cfg.parallel, cfg.expert, dist_utils.launched_world_size()
                     if not dist_utils.is_initialized() else dist_utils.world_size(), device_type)
