@@ -85,3 +85,21 @@ class KVCache:
         self.mask = ((causal_1ST & (key_T >= pad_B11)) | (key_T == query_S[:, None]))[:, None]
         pos_BS = (query_S[None, :] - self.pad_B.to(device)[:, None]).clamp_min(0)
         return self.rope_TF2[pos_BS]
+
+    def keep_rows(self, rows_R: torch.Tensor) -> None:
+        """Keeps only the sequences `rows_R` (indices into the current batch), in that order
+        (finished generations leave the batch)."""
+        if self.pad_B is not None:
+            self.pad_B = self.pad_B[rows_R.to(self.pad_B.device)]
+        for layer in self.layers:
+            if layer.k_BTGD is not None:
+                layer.k_BTGD, layer.v_BTGD = layer.k_BTGD[rows_R], layer.v_BTGD[rows_R]
+
+
+class PaddedKVCache(KVCache):
+    """A KVCache for a batch of prompts left-padded to one length (`pad_B[b]` leading pad
+    positions in row b), always masking: the name the lm-eval model uses."""
+
+    def __init__(self, n_layers: int, max_len: int, pad_B: torch.Tensor):
+        super().__init__(n_layers, max_len, pad_B)
+        self.pad_B = pad_B  # kept even when no row is padded, so keep_rows can index it

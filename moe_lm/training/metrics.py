@@ -113,8 +113,10 @@ class MetricsLogger:
             return
         step = row["step"]
         if "val_loss" in row:
-            print(f"step {step:>6} | val_loss {row['val_loss']:.4f} | val_ppl {row['val_ppl']:.1f}",
-                  flush=True)
+            tasks = "".join(f" | {k[len('eval/'):]} {v:.4f}" for k, v in row.items()
+                            if k.startswith("eval/"))  # trainer.eval_tasks metrics
+            print(f"step {step:>6} | val_loss {row['val_loss']:.4f} | val_ppl {row['val_ppl']:.1f}"
+                  f"{tasks}", flush=True)
             return
         if self.start_step is None:
             self.start_step, self.start_time = step - 1, time.time() - row.get("step_time", 0.0)
