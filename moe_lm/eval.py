@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from moe_lm.compress.quantize import quantize_experts_int8
+from moe_lm.compress.weight_only import quantize_model
 from moe_lm.inference import load_model
 from moe_lm.inference.cli import add_model_args, run_cli
 from moe_lm.inference.evaluate import evaluate_loaded, format_result, result_row
@@ -41,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     """Loads the model, evaluates it and prints loss, perplexity and bits per byte."""
     args = build_parser().parse_args(argv)
     loaded = load_model(args.path, args.device, args.backend)
-    if args.quantize == "int8":
-        quantize_experts_int8(loaded.model)
+    quantize_model(loaded.model, args.quantize)
     if args.tasks:  # lm-eval tasks instead of the loss
         row, table = evaluate_tasks(loaded, args.tasks, args.num_fewshot, args.limit,
                                     args.batch_size, args.include_path, args.precision, args.quantize)

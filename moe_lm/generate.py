@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moe_lm.compress.quantize import quantize_experts_int8
+from moe_lm.compress.weight_only import quantize_model
 from moe_lm.inference import load_model
 from moe_lm.inference.cli import add_model_args, run_cli
 from moe_lm.inference.generate import check_sampling, stream_continuation
@@ -36,8 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     loaded = load_model(args.path, args.device, args.backend)
-    if args.quantize == "int8":
-        quantize_experts_int8(loaded.model)
+    quantize_model(loaded.model, args.quantize)
     stream_continuation(loaded, args.prompt, sys.stdout, args.max_new_tokens, args.temperature,
                         args.top_k, args.top_p, use_cache=not args.no_cache, seed=args.seed)
     return 0

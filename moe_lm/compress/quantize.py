@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from moe_lm.errors import ConfigError
 from moe_lm.inference.evaluate import evaluate_loaded
@@ -54,17 +55,21 @@ class Int8Experts(nn.Module):
         return gmm(h_MF, self.weight("w2_EFD", dtype), offs_E)  # (M, D)
 
 
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds; a tensor subclass (torchao's quantized weights) counts its parts."""
+    if is_traceable_wrapper_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
 def model_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes held by parameters and buffers: all of them, and the routed experts' alone."""
-    total = expert = 0
-    for module in model.modules():
-        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-        for t in tensors:
-            n = t.numel() * t.element_size()
-            total += n
-            if isinstance(module, (Experts, Int8Experts)):
-                expert += n
-    return {"total": total, "experts": expert}
+    """Bytes held by parameters and buffers (a shared tensor once): all, and the routed experts'."""
+    def held(m: nn.Module) -> int:
+        return sum(tensor_bytes(t) for t in [*m.parameters(), *m.buffers()])
+
+    experts = sum(held(m.experts) for m in model.modules() if isinstance(m, MoE))
+    return {"total": held(model), "experts": experts}
 
 
 @torch.no_grad()

@@ -8,6 +8,9 @@ from typing import Callable
 
 from moe_lm.errors import MoeLMError
 
+# what `--quantize` accepts (moe_lm.compress.weight_only implements each)
+QUANTIZE_MODES = ("none", "int8", "int4", "int8-experts")
+
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     """Runs a tool's `main`; a MoeLMError becomes one `moe_lm: error: ...` line and exit code 2."""
@@ -26,5 +29,7 @@ def add_model_args(parser: argparse.ArgumentParser, quantize: bool = True) -> No
     parser.add_argument("--backend", default=None, choices=["torch", "triton", "megablocks"],
                         help="expert backend (default: the run's on CUDA, torch on CPU)")
     if quantize:
-        parser.add_argument("--quantize", default="none", choices=["none", "int8"],
-                            help="int8: weight-only int8 experts with per-channel scales")
+        parser.add_argument("--quantize", default="none", choices=QUANTIZE_MODES,
+                            help="weight-only, through torchao: int8 (per channel) or int4 (groups "
+                            "of 32) linear layers and experts; int8-experts: moe_lm's own int8 "
+                            "experts only")

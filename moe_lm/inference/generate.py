@@ -43,6 +43,61 @@ def sample_next_token(logits_BV: torch.Tensor, temperature: float, top_k: int = 
     return torch.multinomial(probs_BV, 1, generator=generator)[:, 0]
 
 
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts right-aligned in one (B, P) batch, and each row's left padding (B,)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ConfigError("A prompt is empty: pass at least one token of text with --prompt.")
+    P = max(len(p) for p in prompts)
+    tokens_BP = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        tokens_BP[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
+    pad_B = torch.tensor([P - len(p) for p in prompts], dtype=torch.long)
+    return tokens_BP.to(device), pad_B.to(device)
+
+
+@torch.no_grad()
+def decode_steps(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int | None = None, stop_id: int | None = None) -> Iterator[list[int | None]]:
+    """Batched generation: yields, per step, each row's new token id (None once the row stopped).
+
+    The prompts are left-padded into one batch and share one preallocated KV cache; the prompt
+    pass computes the last position's logits only. A row stops after it yields `stop_id`; the
+    batch stops when every row has (stopped rows still run, their outputs unread). The one host
+    synchronisation per token is reading the sampled ids.
+    """
+    device = next(model.parameters()).device
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+    model.eval()
+    tokens_BP, pad_B = left_pad(prompts, stop_id or 0, device)
+    cache = KVCache(len(model.layers), tokens_BP.shape[1] + max_new_tokens, pad_B)
+    done = [False] * len(prompts)
+    step_input_BS = tokens_BP
+    for _ in range(max_new_tokens):
+        logits_BV = model(step_input_BS, cache=cache, last_only=True).logits[:, -1]
+        next_B = sample_next_token(logits_BV, temperature, top_k, top_p, generator)
+        ids = next_B.tolist()
+        yield [None if d else i for d, i in zip(done, ids)]
+        done = [d or i == stop_id for d, i in zip(done, ids)]
+        if all(done):
+            return
+        step_input_BS = next_B[:, None]
+
+
+def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
+                   **sampling) -> list[list[int]]:
+    """Each prompt's new token ids (up to and including `stop_id`), generated as one batch."""
+    out: list[list[int]] = [[] for _ in prompts]
+    for step in decode_steps(model, prompts, max_new_tokens, **sampling):
+        for row, token in zip(out, step):
+            if token is not None:
+                row.append(token)
+    return out
+
+
 @torch.no_grad()
 def generate_tokens(model: Transformer, prompt_ids: list[int], max_new_tokens: int,
                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -55,6 +110,11 @@ def generate_tokens(model: Transformer, prompt_ids: list[int], max_new_tokens: i
     """
     if not prompt_ids:
         raise ConfigError("The prompt is empty: pass at least one token of text with --prompt.")
+    if use_cache:
+        for step in decode_steps(model, [prompt_ids], max_new_tokens, temperature, top_k, top_p,
+                                 seed, stop_id):
+            yield step[0]
+        return
     device = next(model.parameters()).device
     generator = None
     if seed is not None:
@@ -62,17 +122,14 @@ def generate_tokens(model: Transformer, prompt_ids: list[int], max_new_tokens: i
         generator.manual_seed(seed)
     model.eval()
     tokens_1S = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    cache = KVCache(len(model.layers), len(prompt_ids) + max_new_tokens) if use_cache else None
-    step_input_1S = tokens_1S
     for _ in range(max_new_tokens):
-        logits_1SV = model(step_input_1S if use_cache else tokens_1S, cache=cache).logits
+        logits_1SV = model(tokens_1S).logits
         next_1 = sample_next_token(logits_1SV[:, -1], temperature, top_k, top_p, generator)
         token = int(next_1)
         yield token
         if token == stop_id:
             return
-        step_input_1S = next_1[:, None]
-        tokens_1S = torch.cat([tokens_1S, step_input_1S], dim=1)
+        tokens_1S = torch.cat([tokens_1S, next_1[:, None]], dim=1)
 
 
 class StreamDecoder:

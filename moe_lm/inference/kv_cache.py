@@ -1,12 +1,17 @@
 """The key/value cache for generation: each attention layer keeps the keys and values it has seen.
 
 Legend: B batch, S new positions, T positions cached so far (including the new ones), G key/value
-heads, Dh head width.
+heads, Dh head width, F rotary frequencies (Dh/2).
 
-`Transformer.forward(tokens, cache=cache)` reads `cache.length` as the position of the first new
-token, and each attention layer appends its new keys/values through `LayerKVCache.update`, which
-returns everything cached so far plus the mask the new queries need. Buffers are allocated once,
-at the first update, in the dtype the model computes in, for `max_len` positions.
+`Transformer.forward(tokens, cache=cache)` calls `cache.begin(S, ...)` once per forward: it
+reserves S positions, returns their rotary tables and computes the one attention mask every layer
+uses; each attention layer then appends its new keys/values through `LayerKVCache.update`. Buffers
+are allocated once, at the first update, in the dtype the model computes in, for `max_len`
+positions, so decoding never reallocates or concatenates.
+
+Batched generation left-pads its prompts: row b starts with `pad_B[b]` padding positions. Those
+keys are masked out for every query and the row's positions (rotary angles) count from its first
+real token, so each row computes what it would alone.
 """
 
 from __future__ import annotations
@@ -14,94 +19,87 @@ from __future__ import annotations
 import torch
 
 from moe_lm.errors import MoeLMError
+from moe_lm.model.transformer import rotary_tables
 
 
 class LayerKVCache:
     """One attention layer's cached keys and values, `(B, max_len, G, Dh)` each."""
 
-    def __init__(self, max_len: int):
-        self.max_len = max_len
-        self.length = 0
+    def __init__(self, parent: "KVCache"):
+        self.parent = parent
         self.k_BTGD: torch.Tensor | None = None
         self.v_BTGD: torch.Tensor | None = None
 
-    def update(self, k_BSGD: torch.Tensor, v_BSGD: torch.Tensor):
-        """Appends S new positions; returns all keys, all values and the boolean (S, T) mask.
+    @property
+    def length(self) -> int:
+        return self.parent.length
 
-        The mask is None when nothing was cached before (plain causal attention applies).
+    def update(self, k_BSGD: torch.Tensor, v_BSGD: torch.Tensor):
+        """Writes the S new positions; returns all keys, all values and the attention mask.
+
+        The mask is None when plain causal attention over the new keys applies (an unpadded
+        prefill); else boolean, (S, T) or (B, 1, S, T), True where a query may attend.
         """
         B, S, G, Dh = k_BSGD.shape
+        start, end = self.parent.start, self.parent.length
+        if self.k_BTGD is None:
+            self.k_BTGD = k_BSGD.new_zeros(B, self.parent.max_len, G, Dh)
+            self.v_BTGD = v_BSGD.new_zeros(B, self.parent.max_len, G, Dh)
+        self.k_BTGD[:, start:end] = k_BSGD
+        self.v_BTGD[:, start:end] = v_BSGD
+        return self.k_BTGD[:, :end], self.v_BTGD[:, :end], self.parent.mask
+
+
+class KVCache:
+    """The caches of all layers of a model; `length` is the number of positions processed.
+
+    `pad_B` (optional, (B,) int) is the left padding of each row of a batched generation.
+    """
+
+    def __init__(self, n_layers: int, max_len: int, pad_B: torch.Tensor | None = None):
+        self.max_len = max_len
+        self.start = self.length = 0
+        self.pad_B = pad_B if pad_B is not None and bool(pad_B.any()) else None
+        self.mask: torch.Tensor | None = None
+        self.rope_TF2: torch.Tensor | None = None
+        self.layers = [LayerKVCache(self) for _ in range(n_layers)]
+
+    def begin(self, S: int, head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+        """Reserves S new positions; returns their rotary tables, (S, F, 2) or (B, S, F, 2)."""
         start, end = self.length, self.length + S
         if end > self.max_len:
             raise MoeLMError(f"The KV cache holds {self.max_len} positions but {end} are needed: "
                              "lower --max-new-tokens or shorten the prompt.")
-        if self.k_BTGD is None:
-            self.k_BTGD = k_BSGD.new_zeros(B, self.max_len, G, Dh)
-            self.v_BTGD = v_BSGD.new_zeros(B, self.max_len, G, Dh)
-        self.k_BTGD[:, start:end] = k_BSGD
-        self.v_BTGD[:, start:end] = v_BSGD
-        self.length = end
-        mask_ST = None
-        if start > 0:  # new query i (position start+i) sees cached positions <= start+i
-            query_pos_S = torch.arange(start, end, device=k_BSGD.device)
-            mask_ST = torch.arange(end, device=k_BSGD.device)[None, :] <= query_pos_S[:, None]
-        return self.k_BTGD[:, :end], self.v_BTGD[:, :end], mask_ST
-
-
-class KVCache:
-    """The caches of all layers of a model; `length` is the number of positions processed."""
-
-    def __init__(self, n_layers: int, max_len: int):
-        self.layers = [LayerKVCache(max_len) for _ in range(n_layers)]
-
-    @property
-    def length(self) -> int:
-        return self.layers[0].length
-
-
-class PaddedLayerKVCache(LayerKVCache):
-    """One layer's cache for a batch of left-padded sequences: pad keys are never attended to.
-
-    `update` returns a `(B, 1, S, T)` mask: causal, and blind to each row's leading pad positions.
-    A pad query still sees itself, so its attention row is never all masked (which would make
-    NaNs that travel on through the pad positions' values).
-    """
-
-    def __init__(self, max_len: int, valid_BT: torch.Tensor):
-        super().__init__(max_len)
-        self.valid_BT = valid_BT  # shared by all layers of one PaddedKVCache
-
-    def update(self, k_BSGD: torch.Tensor, v_BSGD: torch.Tensor):
-        start = self.length
-        k_BTGD, v_BTGD, _ = super().update(k_BSGD, v_BSGD)
-        end = self.length
-        query_pos_S1 = torch.arange(start, end, device=k_BSGD.device)[:, None]
-        key_pos_1T = torch.arange(end, device=k_BSGD.device)[None, :]
-        causal_ST = key_pos_1T <= query_pos_S1
-        visible_BST = causal_ST & (self.valid_BT[:, None, :end] | (key_pos_1T == query_pos_S1))
-        return k_BTGD, v_BTGD, visible_BST[:, None]
+        if self.rope_TF2 is None:  # once per generation, not once per token
+            self.rope_TF2 = rotary_tables(self.max_len, head_dim, theta, device)
+        self.start, self.length = start, end
+        query_S = torch.arange(start, end, device=device)
+        key_T = torch.arange(end, device=device)
+        if self.pad_B is None:
+            self.mask = None if start == 0 else key_T[None, :] <= query_S[:, None]
+            return self.rope_TF2[start:end]
+        pad_B11 = self.pad_B.to(device)[:, None, None]
+        causal_1ST = (key_T[None, :] <= query_S[:, None])[None]
+        # a padding query sees itself only, so its softmax has one finite term (its output is
+        # never read); real queries never see padding keys
+        self.mask = ((causal_1ST & (key_T >= pad_B11)) | (key_T == query_S[:, None]))[:, None]
+        pos_BS = (query_S[None, :] - self.pad_B.to(device)[:, None]).clamp_min(0)
+        return self.rope_TF2[pos_BS]
 
     def keep_rows(self, rows_R: torch.Tensor) -> None:
-        """Drops every sequence of the batch but `rows_R` (finished generations)."""
-        if self.k_BTGD is not None:
-            self.k_BTGD, self.v_BTGD = self.k_BTGD[rows_R], self.v_BTGD[rows_R]
+        """Keeps only the sequences `rows_R` (indices into the current batch), in that order
+        (finished generations leave the batch)."""
+        if self.pad_B is not None:
+            self.pad_B = self.pad_B[rows_R.to(self.pad_B.device)]
+        for layer in self.layers:
+            if layer.k_BTGD is not None:
+                layer.k_BTGD, layer.v_BTGD = layer.k_BTGD[rows_R], layer.v_BTGD[rows_R]
 
 
 class PaddedKVCache(KVCache):
-    """The caches of all layers for a batch of prompts left-padded to one length.
-
-    `pad_B[b]` leading positions of row b are padding. Rotary positions then start at `pad_B[b]`
-    instead of 0 for that row; attention scores depend only on position differences, so this
-    changes nothing but rounding.
-    """
+    """A KVCache for a batch of prompts left-padded to one length (`pad_B[b]` leading pad
+    positions in row b), always masking: the name the lm-eval model uses."""
 
     def __init__(self, n_layers: int, max_len: int, pad_B: torch.Tensor):
-        self.valid_BT = torch.arange(max_len, device=pad_B.device)[None, :] >= pad_B[:, None]
-        self.layers = [PaddedLayerKVCache(max_len, self.valid_BT) for _ in range(n_layers)]
-
-    def keep_rows(self, rows_R: torch.Tensor) -> None:
-        """Keeps only the sequences `rows_R` (indices into the current batch), in that order."""
-        self.valid_BT = self.valid_BT[rows_R]
-        for layer in self.layers:
-            layer.keep_rows(rows_R)
-            layer.valid_BT = self.valid_BT
+        super().__init__(n_layers, max_len, pad_B)
+        self.pad_B = pad_B  # kept even when no row is padded, so keep_rows can index it

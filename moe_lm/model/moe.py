@@ -93,7 +93,10 @@ class MoE(nn.Module):
         """How the routed rows reach the experts from now on (parallelize and planning call it)."""
         self.dispatcher = dispatcher
 
-    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+    def forward(self, x_BSD: torch.Tensor,
+                with_stats: bool = True) -> tuple[torch.Tensor, MoEStats | None]:
+        """The layer's output and its stats (None with `with_stats=False`: generation reads
+        neither the loss terms nor the balance, so it skips computing them)."""
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         routing = self.router(x_TD)
@@ -101,6 +104,8 @@ class MoE(nn.Module):
                                                   self.experts, self.backend)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
+        if not with_stats:
+            return out_TD.reshape(B, S, D), None
         stats = MoEStats(
             terms=self.router.loss_terms(routing, self.dispatcher, S),
             tokens_per_expert=groups.tokens_E.detach(),

@@ -62,8 +62,9 @@ def apply_rotary(x_BSHD: torch.Tensor, rope_SF2: torch.Tensor) -> torch.Tensor:
     As one complex multiply, (x0 + i x1) * (cos + i sin), in fp32: one pass instead of the six
     of the real-arithmetic form, forward and backward."""
     x_BSHF = torch.view_as_complex(x_BSHD.float().reshape(*x_BSHD.shape[:-1], -1, 2))
-    rot_1S1F = torch.view_as_complex(rope_SF2.contiguous())[None, :, None, :]
-    return torch.view_as_real(x_BSHF * rot_1S1F).flatten(-2).to(x_BSHD.dtype)
+    rot = torch.view_as_complex(rope_SF2.contiguous())  # (S, F), or (B, S, F): per-row positions
+    rot_BS1F = rot[None, :, None, :] if rot.dim() == 2 else rot[:, :, None, :]
+    return torch.view_as_real(x_BSHF * rot_BS1F).flatten(-2).to(x_BSHD.dtype)
 
 
 class Attention(nn.Module):
@@ -137,7 +138,7 @@ class Block(nn.Module):
     def forward(self, x_BSD: torch.Tensor, rope_SF2: torch.Tensor, cache=None):
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), rope_SF2, cache)
         if self.is_moe:
-            mlp_out, stats = self.mlp(self.mlp_norm(x_BSD))
+            mlp_out, stats = self.mlp(self.mlp_norm(x_BSD), with_stats=cache is None)
             return x_BSD + mlp_out, stats
         return x_BSD + self.mlp(self.mlp_norm(x_BSD)), None
 
@@ -183,12 +184,14 @@ class Transformer(nn.Module):
                 module.score_bias.zero_()
 
     def forward(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | None = None,
-                return_logits: bool = True, cache=None) -> ModelOutput:
-        """`cache` (moe_lm.inference.KVCache) continues a sequence from position `cache.length`."""
-        S = tokens_BS.shape[1]
-        start = 0 if cache is None else cache.length
-        rope_SF2 = rotary_tables(start + S, self.cfg.head_width, self.cfg.rope_theta,
-                                 tokens_BS.device)[start:]
+                return_logits: bool = True, cache=None, last_only: bool = False) -> ModelOutput:
+        """`cache` (moe_lm.inference.KVCache) continues a sequence from position `cache.length`;
+        `last_only` computes the logits of the last position only (generation)."""
+        S, head_dim = tokens_BS.shape[1], self.cfg.head_width
+        if cache is None:
+            rope_SF2 = rotary_tables(S, head_dim, self.cfg.rope_theta, tokens_BS.device)
+        else:  # the cache knows each row's positions (left-padded batches)
+            rope_SF2 = cache.begin(S, head_dim, self.cfg.rope_theta, tokens_BS.device)
         x_BSD = self.embed(tokens_BS)
         stats: list[MoEStats] = []
         for i, layer in enumerate(self.layers):
@@ -200,7 +203,8 @@ class Transformer(nn.Module):
             lm_loss = fused_linear_cross_entropy(h_BSD.flatten(0, 1), self.head_weight_VD,
                                                  targets_BS.flatten())
             return ModelOutput(None, lm_loss, stats, h_BSD)
-        logits_BSV = F.linear(h_BSD, self.head_weight_VD.to(h_BSD.dtype))
+        logits_BSV = F.linear(h_BSD[:, -1:] if last_only else h_BSD,
+                              self.head_weight_VD.to(h_BSD.dtype))
         lm_loss = None
         if targets_BS is not None:
             lm_loss = F.cross_entropy(logits_BSV.flatten(0, 1).float(), targets_BS.flatten())
