@@ -19,7 +19,8 @@ experts and a tied or untied LM head. What is rewritten exactly:
 What cannot be exported (`build_mixtral` refuses, naming the setting): shared experts
 (`expert.num_shared > 0`), the sigmoid or expert-choice routers, and a non-zero router score bias
 (aux-loss-free balancing moves Mixtral-invisible selection). The tiktoken tokenizer is not
-converted: `moe_lm_tokenizer.json` names the encoding to use with the `tiktoken` package.
+converted: `moe_lm_tokenizer.json` holds a recipe that loads the encoding with `tiktoken`, offline
+for cl100k_base (`moe_lm.interop.tokenizer_note`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 from moe_lm.config import TrainConfig
 from moe_lm.errors import ConfigError, MoeLMError
 from moe_lm.inference.loading import LoadedModel, load_model
+from moe_lm.interop.tokenizer_note import NOTE_NAME, tokenizer_note
 from moe_lm.model import Transformer, is_moe_layer
 
 
@@ -170,19 +172,17 @@ def export(path: str | Path, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(out_dir)
-    note = {"tokenizer": "tiktoken", "encoding": loaded.tokenizer.name,
-            "eot_id": loaded.tokenizer.eot_id,
-            "usage": f"tiktoken.get_encoding({loaded.tokenizer.name!r}).encode_ordinary(text)",
-            "source_checkpoint": str(loaded.ckpt.path)}
-    (out_dir / "moe_lm_tokenizer.json").write_text(json.dumps(note, indent=1))
+    note = tokenizer_note(loaded.tokenizer, loaded.ckpt.path)
+    (out_dir / NOTE_NAME).write_text(json.dumps(note, indent=1))
     return out_dir
 
 
 def export_summary(out: Path) -> str:
     """Two lines: what was written (from its config.json) and how to load and tokenize it."""
     cfg = json.loads((Path(out) / "config.json").read_text())
+    note = json.loads((Path(out) / NOTE_NAME).read_text())
     return (f"wrote {out} (MixtralForCausalLM: {cfg['num_hidden_layers']} layers, "
             f"{cfg['num_local_experts']} experts, top-{cfg['num_experts_per_tok']}, "
             f"intermediate_size {cfg['intermediate_size']})\n"
             "load it with transformers.AutoModelForCausalLM.from_pretrained"
-            f"({str(out)!r}); tokenize with tiktoken (see moe_lm_tokenizer.json).")
+            f"({str(out)!r}); tokenize with {note['usage']} ({note['requires']}; see {NOTE_NAME}).")
