@@ -37,6 +37,7 @@ from moe_lm.training.metrics import MetricsLogger, RoutingAccumulator, score_bia
 from moe_lm.training.routing_monitor import RoutingMonitor, heatmap_path
 from moe_lm.training.optim import build_optimizer, build_scheduler
 from moe_lm.training.step import forward_backward
+from moe_lm.training.summary import already_complete, end_summary, start_summary
 
 
 class TrainingError(MoeLMError):
@@ -334,12 +335,22 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
                     if not dist_utils.is_initialized() else dist_utils.world_size(), device_type)
     created = dist_utils.init_from_env(device_type, cfg.trainer.collective_timeout_s)
     try:
+        started = time.time()
         trainer = Trainer(cfg, run_dir)
         trainer.resume_if_possible()
-        total = cfg.trainer.stop_at or cfg.trainer.max_steps
+        t = cfg.trainer
+        total = t.stop_at or t.max_steps
         logger = MetricsLogger(run_dir, trainer.cfg, total)
         try:
-            return trainer.fit(logger)
+            logger.say(start_summary(trainer.cfg, run_dir, trainer.device, trainer.precision,
+                                     dist_utils.world_size(), trainer.step))
+            complete = already_complete(trainer.step, total, t.max_steps)
+            if complete:
+                logger.say(complete)
+            result = trainer.fit(logger)
+            logger.say(end_summary(run_dir, trainer.step, trainer.cfg, time.time() - started,
+                                   result))
+            return result
         finally:
             logger.close()
     except Exception as err:
