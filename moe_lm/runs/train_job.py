@@ -19,9 +19,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from moe_lm.config import TrainConfig, to_train_config
+from moe_lm.errors import MoeLMError
 from moe_lm.launch import job_status, slurm
 from moe_lm.planning.dry_run import run_dry_run
 from moe_lm.planning.guard import Hardware, check_launch
+from moe_lm.runs import run_dir as run_dir_tools
 from moe_lm.training import distributed as dist_utils
 from moe_lm.training.loop import run_training
 
@@ -97,6 +99,8 @@ def train_job(cfg: DictConfig) -> JobResult:
     first = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
     if sweep:
         name_sweep_job(cfg)
+    fresh = first and not sweep and run_dir_tools.is_fresh(run_dir)
+    started = False  # until then a refused single run leaves no directory behind
     if first:
         job_status.start_job(run_dir, list(hc.overrides.task), hc.job.num if sweep else None)
     try:
@@ -107,10 +111,13 @@ def train_job(cfg: DictConfig) -> JobResult:
         if not train_cfg.trainer.dry_run:  # refuse what this hardware cannot hold, unallocated
             check_launch(train_cfg, list(hc.overrides.task),
                          Hardware.detect(train_cfg.trainer.device))
+        started = True
         write_run_config(run_dir, cfg)
         result = run(train_cfg, run_dir)
     except Exception as err:
-        if first:
+        if fresh and not started and isinstance(err, MoeLMError):
+            run_dir_tools.discard_fresh_run_dir(run_dir)
+        elif first:
             job_status.fail_job(run_dir, err)
         raise
     t = train_cfg.trainer
