@@ -26,6 +26,7 @@ from moe_lm.parallel import build_mesh, clip_grad_norm_, init_on_device, paralle
 from moe_lm.parallel.precision import Precision
 from moe_lm.training import distributed as dist_utils
 from moe_lm.training.compile import compile_blocks
+from moe_lm.training.final_weights import keep_final_weights_only, refuse_weights_only
 from moe_lm.training.cpu_memory import keep_freed_cpu_memory
 from moe_lm.training.checkpoint import (
     check_identity,
@@ -110,6 +111,7 @@ class Trainer:
         """Loads the newest complete checkpoint of the run directory, if any."""
         for ckpt in list_checkpoints(self.run_dir):
             check_identity(ckpt, self.identity)
+            refuse_weights_only(ckpt)
             state = load_checkpoint(ckpt, self.model, self.optimizer)
             self.scheduler.load_state_dict(state["scheduler"])
             self.check_batch_layout(state, ckpt.path)
@@ -348,6 +350,8 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
             if complete:
                 logger.say(complete)
             result = trainer.fit(logger)
+            if t.final_weights_only and trainer.step >= t.max_steps:
+                keep_final_weights_only(run_dir, trainer.model)
             logger.say(end_summary(run_dir, trainer.step, trainer.cfg, time.time() - started,
                                    result))
             return result

@@ -38,7 +38,8 @@ def fmt_duration(seconds: float) -> str:
 def precision_text(precision: Precision) -> str:
     """`bf16 autocast (fp32 weights)` or `fp32`."""
     dtype = precision.autocast_dtype
-    return "fp32" if dtype is None else f"{str(dtype).replace('torch.', '')} autocast (fp32 weights)"
+    short = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+    return "fp32" if dtype is None else f"{short.get(dtype, str(dtype))} autocast (fp32 weights)"
 
 
 def start_summary(cfg: TrainConfig, run_dir: Path, device: torch.device, precision: Precision,
