@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 from moe_lm.config import ExpertConfig, LossConfig, ModelConfig
 from moe_lm.model import Transformer
@@ -60,3 +62,16 @@ def test_rerun_of_a_finished_run_says_it_is_complete(tmp_path, tiny_overrides):
     lines = cli_output(run, overrides)
     assert "already complete at step 2 of 2" in line(lines, "this run is already complete")
     assert len([r for r in read_metrics(run) if "loss" in r]) == 2  # nothing trained again
+
+
+def test_train_help_describes_the_groups_and_canonical_keys():
+    proc = subprocess.run([sys.executable, "-m", "moe_lm.train", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.startswith("python -m moe_lm.train [+experiment=NAME]")
+    assert re.search(r"^experiment: .*\bquick\b", out, re.M)  # the groups, with their options
+    keys = out.split("== Canonical keys", 1)[1].split("== Composed config", 1)[0]
+    for key in ("trainer.stop_at", "trainer.precision", "expert.num_experts", "data.path",
+                "hydra.run.dir"):
+        assert re.search(rf"(^|\s){re.escape(key)}\s", keys, re.M), key
