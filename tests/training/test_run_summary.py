@@ -74,4 +74,4 @@ def test_train_help_describes_the_groups_and_canonical_keys():
     keys = out.split("== Canonical keys", 1)[1].split("== Composed config", 1)[0]
     for key in ("trainer.stop_at", "trainer.precision", "expert.num_experts", "data.path",
                 "hydra.run.dir"):
-        assert re.search(rf"(^|\s){re.escape(key)}\s", keys, re.M), key
+        assert re.search(rf"(^|\s){re.escape(key)}[\s,]", keys, re.M), key
