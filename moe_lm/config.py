@@ -76,8 +76,18 @@ class ParallelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One source of a weighted mixture: its name (for `val/<name>/loss`), files and weight."""
+
+    name: str = ""
+    path: Optional[str] = None  # None: the built-in corpus
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
-    """Where the tokens come from. `path=None` uses the built-in corpus (CPython's own text)."""
+    """Where the tokens come from. `path=None` uses the built-in corpus (CPython's own text);
+    `sources` (a list of {name, path, weight}) mixes several, each prepared separately."""
 
     path: Optional[str] = None
     seq_len: int = 128
@@ -86,6 +96,23 @@ class DataConfig:
     val_fraction: float = 0.02
     corpus_mb: float = 6.0  # how much of the built-in corpus to use
     cache_dir: str = "~/.cache/moe_lm"
+    chunk_mb: float = 32.0  # the prepare step's unit of work (and of the validation split)
+    sources: list[SourceConfig] = field(default_factory=list)
+
+
+@dataclass
+class PrepareConfig:
+    """How `python -m moe_lm.prepare` runs: datatrove's local or SLURM executor."""
+
+    workers: int = 1  # tasks run at once (local executor)
+    executor: str = "local"  # local | slurm
+    tasks: int = 0  # 0: one task per chunk
+    logging_dir: Optional[str] = None  # datatrove's logs; None: <cache_dir>/prepare_logs/<name>
+    slurm_partition: Optional[str] = None
+    slurm_time: str = "04:00:00"
+    slurm_cpus_per_task: int = 1
+    slurm_mem_per_cpu_gb: int = 2
+    slurm_job_name: str = "moe_lm_prepare"
 
 
 @dataclass
@@ -177,6 +204,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
 
 
 GROUP_SCHEMAS = {

@@ -8,7 +8,8 @@ at `data.corpus_mb` megabytes (10**6 bytes of UTF-8). Nothing is generated or ra
 
 User data (`data.path`) is a file or a directory searched recursively, in sorted path order:
 - `.txt` / `.md`: one document per file;
-- `.jsonl`: one JSON object per line with a string field "text";
+- `.jsonl` (also gzip / zstd compressed: `.jsonl.gz`, `.jsonl.zst`): one JSON object per line with
+  a string field "text", read as a stream;
 - `.parquet`: a string column "text", one document per row (read with pyarrow, in row groups).
 
 Every source is described by a `Source`: the files it reads (their paths, sizes and mtimes feed
@@ -17,6 +18,8 @@ the cache fingerprint) and a `documents()` generator of strings. Bad input raise
 
 from __future__ import annotations
 
+import gzip
+import io
 import itertools
 import json
 import os
@@ -29,7 +32,8 @@ from typing import Iterator, Optional
 from moe_lm.errors import DataError
 
 TEXT_EXTS = (".txt", ".md")
-SUPPORTED_EXTS = TEXT_EXTS + (".jsonl", ".parquet")
+COMPRESSED_EXTS = (".jsonl.gz", ".jsonl.zst", ".jsonl.zstd")
+SUPPORTED_EXTS = TEXT_EXTS + (".jsonl", ".parquet") + COMPRESSED_EXTS
 MB = 1_000_000
 # Directories of the stdlib that hold no hand-written library text.
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__",
@@ -179,18 +183,19 @@ def user_source(path: str) -> Source:
             "(data.path=null) to use the built-in corpus."
         )
     if root.is_file():
-        if root.suffix.lower() not in SUPPORTED_EXTS:
+        if file_format(root) is None:
             raise DataError(
-                f"data.path={path!r} has the unsupported extension {root.suffix or '(none)'!r}. "
-                f"Supported: {', '.join(SUPPORTED_EXTS)} (.txt/.md: one document per file; "
-                ".jsonl: a \"text\" field per line; .parquet: a \"text\" column). Convert the "
-                "file or rename it if it is plain text."
+                f"data.path={path!r} has the unsupported extension {root.suffix or '(none)'!r} "
+                f"(an unknown source format). Supported: {', '.join(SUPPORTED_EXTS)} (.txt/.md: "
+                "one document per file; .jsonl, plain or gzip/zstd-compressed: a \"text\" field "
+                "per line; .parquet: a \"text\" column). Convert the file or rename it if it is "
+                "plain text."
             )
         files = [root]
     else:
         files = sorted(
             (p for p in root.rglob("*")
-             if p.is_file() and p.suffix.lower() in SUPPORTED_EXTS
+             if p.is_file() and file_format(p) is not None
              and not any(part.startswith(".") for part in p.relative_to(root).parts)),
             key=lambda p: p.relative_to(root).as_posix(),
         )
@@ -206,42 +211,93 @@ def user_source(path: str) -> Source:
     return Source(description=f"user data: {root.resolve()}", files=files, kind="user")
 
 
+def file_format(path: Path) -> Optional[str]:
+    """"text", "jsonl" (plain or compressed) or "parquet" by the file's name; None: unsupported."""
+    name = path.name.lower()
+    if name.endswith(COMPRESSED_EXTS) or name.endswith(".jsonl"):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    return "text" if name.endswith(TEXT_EXTS) else None
+
+
+def is_compressed(path: Path) -> bool:
+    """Whether the file is a gzip / zstd stream (read from its start, never split)."""
+    return path.name.lower().endswith(COMPRESSED_EXTS)
+
+
 def _user_documents(files: list[Path]) -> Iterator[str]:
     for path in files:
-        ext = path.suffix.lower()
-        if ext in TEXT_EXTS:
+        kind = file_format(path)
+        if kind == "text":
             yield path.read_text(encoding="utf-8", errors="replace")
-        elif ext == ".jsonl":
+        elif kind == "jsonl":
             yield from read_jsonl(path)
-        elif ext == ".parquet":
+        elif kind == "parquet":
             yield from read_parquet(path)
 
 
-def read_jsonl(path: Path) -> Iterator[str]:
-    """The "text" field of each line of a JSON-lines file (blank lines are skipped)."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno} is not valid JSON ({exc.msg}). Each line of a "
-                                ".jsonl file must be one JSON object such as "
-                                "{\"text\": \"...\"}; fix or remove that line.") from exc
-            text = record.get("text") if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                keys = ", ".join(map(repr, record)) if isinstance(record, dict) else "none"
-                raise DataError(
-                    f"{path}:{lineno} has no string field \"text\" (its keys: {keys}). Each line "
-                    "of a .jsonl file must be an object with the document in \"text\", e.g. "
-                    "{\"text\": \"...\"}; rename the field or convert the file."
-                )
-            yield text
+def open_binary(path: Path) -> io.BufferedIOBase:
+    """The file's bytes, decompressed on the fly for .gz / .zst(d) (bounded memory)."""
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if name.endswith((".zst", ".zstd")):
+        try:
+            import zstandard
+        except ImportError as exc:
+            raise DataError(f"{path} is zstd-compressed, which needs the zstandard package: "
+                            "pip install 'moe_lm[data]' (or pip install zstandard), or "
+                            "decompress it (zstd -d).") from exc
+        # read_across_frames: files made by concatenating zstd frames (pzstd, cat a.zst b.zst)
+        reader = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True,
+                                                            read_across_frames=True)
+        return io.BufferedReader(reader)
+    return open(path, "rb")
 
 
-def read_parquet(path: Path) -> Iterator[str]:
-    """The "text" column of a parquet file, one document per row (nulls are skipped)."""
+def read_jsonl(path: Path, start: int = 0, end: Optional[int] = None) -> Iterator[str]:
+    """The "text" field of each line of a JSON-lines file (blank lines are skipped).
+
+    `start` / `end` read one byte range of an uncompressed file: the lines that begin in
+    `[start, end)`, so consecutive ranges cover every line exactly once.
+    """
+    with open_binary(path) as f:
+        if start > 0:
+            f.seek(start - 1)
+            f.readline()  # the rest of the line that began before `start`
+        pos, lineno = f.tell(), 0
+        for raw in iter(f.readline, b""):
+            if end is not None and pos >= end:
+                break
+            lineno += 1
+            where = lineno if start == 0 else f"byte {pos}"  # line numbers only from the top
+            pos += len(raw)
+            if raw.strip():
+                yield _jsonl_text(raw, path, where)
+
+
+def _jsonl_text(raw: bytes, path: Path, where) -> str:
+    line = raw.decode("utf-8", errors="replace")
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{where} is not valid JSON ({exc.msg}). Each line of a "
+                        ".jsonl file must be one JSON object such as "
+                        "{\"text\": \"...\"}; fix or remove that line.") from exc
+    text = record.get("text") if isinstance(record, dict) else None
+    if not isinstance(text, str):
+        keys = ", ".join(map(repr, record)) if isinstance(record, dict) else "none"
+        raise DataError(
+            f"{path}:{where} has no string field \"text\" (its keys: {keys}). Each line "
+            "of a .jsonl file must be an object with the document in \"text\", e.g. "
+            "{\"text\": \"...\"}; rename the field or convert the file."
+        )
+    return text
+
+
+def parquet_file(path: Path):
+    """The pyarrow ParquetFile, checked to hold a "text" column; DataError otherwise."""
     import pyarrow.parquet as pq
 
     try:
@@ -255,7 +311,16 @@ def read_parquet(path: Path) -> Iterator[str]:
             f"{path} has no \"text\" column (its columns: {', '.join(names) or 'none'}). "
             "Rename the column holding the documents to \"text\"."
         )
-    for group in range(pf.num_row_groups):
+    return pf
+
+
+def read_parquet(path: Path, first_group: int = 0, end_group: Optional[int] = None
+                 ) -> Iterator[str]:
+    """The "text" column of a parquet file, one document per row (nulls are skipped); row
+    groups `[first_group, end_group)` only, when given."""
+    pf = parquet_file(path)
+    stop = pf.num_row_groups if end_group is None else end_group
+    for group in range(first_group, stop):
         column = pf.read_row_group(group, columns=["text"]).column("text")
         for value in column.to_pylist():
             if isinstance(value, str):

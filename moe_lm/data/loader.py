@@ -76,7 +76,7 @@ class TokenLoader:
         order = self._epoch_order(self.epoch)
         b = self.batch_size
         windows = order[self.position * b:(self.position + 1) * b]
-        batch = self._gather(windows)
+        batch = self.gather(windows)
         self.position += 1
         if self.position == self.batches_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
@@ -130,11 +130,12 @@ class TokenLoader:
         spread = (np.arange(m, dtype=np.int64) * self.n_windows) // max(m, 1)
         mine = spread[self.rank::self.world_size]
         for i in range(n_batches):
-            yield self._gather(mine[i * self.batch_size:(i + 1) * self.batch_size])
+            yield self.gather(mine[i * self.batch_size:(i + 1) * self.batch_size])
 
     # ------------------------------------------------------------------ reading
 
-    def _gather(self, windows: np.ndarray) -> torch.Tensor:
+    def gather(self, windows: np.ndarray) -> torch.Tensor:
+        """The `(len(windows), seq_len + 1)` int64 rows of the given window indices."""
         span = self.seq_len + 1
         out = np.empty((len(windows), span), dtype=np.int64)  # (B, S+1)
         for row, w in enumerate(windows):

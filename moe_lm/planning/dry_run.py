@@ -18,7 +18,7 @@ import torch
 
 from moe_lm.config import TrainConfig
 from moe_lm.errors import MoeLMError
-from moe_lm.objectives import objective_term_names
+from moe_lm.training.objectives import objective_term_names
 from moe_lm.parallel import apply_activation_checkpointing
 from moe_lm.planning.balanced import use_balanced_routing
 from moe_lm.planning.counting import build_meta_model, with_tokenizer_vocab

@@ -17,10 +17,10 @@ from typing import Any, Iterator
 import torch
 
 from moe_lm.config import TrainConfig
-from moe_lm.data import TokenLoader, get_tokenizer, prepare
+from moe_lm.data import get_tokenizer, open_run_data
 from moe_lm.errors import CheckpointError, MoeLMError
 from moe_lm.model import Transformer
-from moe_lm.objectives import ExtraObjectives
+from moe_lm.training.objectives import ExtraObjectives
 from moe_lm.model.routers import Router
 from moe_lm.parallel import build_mesh, clip_grad_norm_, init_on_device, parallelize, validate_layout
 from moe_lm.parallel.precision import Precision
@@ -66,7 +66,8 @@ class Trainer:
         validate_layout(cfg.parallel, cfg.expert, dist_utils.world_size(), self.device.type)
         torch.manual_seed(cfg.trainer.seed)
         tokenizer = get_tokenizer(cfg.data.tokenizer)
-        shard_dir = prepare(cfg.data, tokenizer)
+        d, r, w = cfg.data, dist_utils.rank(), dist_utils.world_size()
+        self.data = open_run_data(d, tokenizer, cfg.trainer.seed, r, w)  # bad data fails here
         if cfg.model.vocab_size <= 0:
             cfg = replace(cfg, model=replace(cfg.model, vocab_size=tokenizer.n_vocab))
         elif cfg.model.vocab_size < tokenizer.n_vocab:
@@ -86,11 +87,7 @@ class Trainer:
         self.objectives = ExtraObjectives(cfg, self.model, self.device, tokenizer.name)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
-        d, r, w = cfg.data, dist_utils.rank(), dist_utils.world_size()
-        self.train_data = TokenLoader(shard_dir, "train", d.seq_len, d.batch_size,
-                                      cfg.trainer.seed, rank=r, world_size=w)
-        self.val_data = TokenLoader(shard_dir, "val", d.seq_len, d.batch_size, cfg.trainer.seed,
-                                    rank=r, world_size=w)
+        self.train_data = self.data.train
         self.step, self.tokens_seen = 0, 0
         self.routing = RoutingAccumulator()
         self.monitor = RoutingMonitor(cfg.trainer.monitor)
@@ -227,10 +224,15 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Mean LM loss over `trainer.eval_batches` fixed validation batches."""
+        """Mean LM loss over `trainer.eval_batches` fixed validation batches (of each source of a
+        mixture: `val/<name>/loss`, and `val_loss` their mean under the mixture's weights)."""
         self.model.eval()
+        rows = self.data.eval_row({n: self._val_loss(self.val_batches(n)) for n in self.data.val})
+        return {"step": self.step, **rows, "val_ppl": math.exp(min(rows["val_loss"], 50.0))}
+
+    def _val_loss(self, batches: Iterator[torch.Tensor]) -> float:
         total, n = torch.zeros((), device=self.device), 0
-        for batch in self.val_batches():
+        for batch in batches:
             batch = batch.to(self.device)
             with self.precision.autocast(self.device.type):
                 out = self.model(batch[:, :-1], batch[:, 1:], return_logits=False)
@@ -239,8 +241,7 @@ class Trainer:
         if dist_utils.is_initialized():
             torch.distributed.all_reduce(total)
             total /= dist_utils.world_size()
-        val_loss = float(total / max(n, 1))
-        return {"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        return float(total / max(n, 1))
 
     def routers(self) -> list[Router]:
         """The MoE layers' routers, in layer order (the order of `ModelOutput.moe_stats`)."""
@@ -266,8 +267,8 @@ class Trainer:
         if path is not None:
             logger.log_image("moe/expert_load_heatmap", path, self.step)
 
-    def val_batches(self) -> Iterator[torch.Tensor]:
-        return self.val_data.val_batches(self.cfg.trainer.eval_batches)
+    def val_batches(self, source: str = "") -> Iterator[torch.Tensor]:
+        return self.data.val[source].val_batches(self.cfg.trainer.eval_batches)
 
     def fit(self, logger: MetricsLogger) -> dict[str, Any]:
         """Trains until `stop_at` / `max_steps` or SIGTERM; always checkpoints at the end."""

@@ -36,8 +36,8 @@ def data_cfg(tmp_path):
 
     def make(path=None, **kw) -> DataConfig:
         kw.setdefault("val_fraction", 0.25)
-        return DataConfig(path=None if path is None else str(path),
-                          cache_dir=str(tmp_path / "cache"), **kw)
+        kw.setdefault("cache_dir", str(tmp_path / "cache"))
+        return DataConfig(path=None if path is None else str(path), **kw)
 
     return make
 

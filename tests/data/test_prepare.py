@@ -109,7 +109,7 @@ def test_second_prepare_reuses_the_cache_without_tokenizing(tmp_path, data_cfg, 
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("prepare tokenized again instead of using the cache")
 
-    monkeypatch.setattr(prepare_mod, "write_shards", no_tokenizing)
+    monkeypatch.setattr(prepare_mod, "write_chunk", no_tokenizing)
     start = time.perf_counter()
     assert prepare(cfg, tok) == first
     assert time.perf_counter() - start < 1.0
@@ -127,18 +127,19 @@ def test_changed_files_or_settings_get_a_new_cache(tmp_path, data_cfg, tok):
 def test_killed_prepare_leaves_no_cache_and_the_next_one_succeeds(tmp_path, data_cfg, tok,
                                                                   monkeypatch):
     cfg = data_cfg(write_docs(tmp_path / "d", "txt", DOCS))
-    real = prepare_mod.write_shards
+    real = prepare_mod.write_chunk
 
-    def dies_halfway(out_dir, *args, **kwargs):
-        (out_dir / "train_000.bin").write_bytes(b"\0" * 12)  # a partial shard
+    def dies_halfway(plan, index, tokenizer):
+        (plan.partial / f"train_{index:05d}_000.bin").write_bytes(b"\0" * 12)  # a partial shard
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prepare_mod, "write_shards", dies_halfway)
+    monkeypatch.setattr(prepare_mod, "write_chunk", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
         prepare(cfg, tok)
     tokens_dir = Path(cfg.cache_dir) / "tokens"
-    assert not [p for p in tokens_dir.iterdir() if p.is_dir()]  # nothing half-written remains
-    monkeypatch.setattr(prepare_mod, "write_shards", real)
+    # nothing is published; only the hidden partial directory remains, to be continued
+    assert [p.name[:9] for p in tokens_dir.iterdir() if p.is_dir()] == [".partial-"]
+    monkeypatch.setattr(prepare_mod, "write_chunk", real)
     shard_dir = prepare(cfg, tok)
     assert load_meta(shard_dir)["train_tokens"] > 0
 

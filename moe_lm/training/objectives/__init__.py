@@ -11,8 +11,8 @@ from moe_lm.config import TrainConfig
 from moe_lm.errors import ConfigError
 from moe_lm.model import ModelOutput, Transformer
 from moe_lm.model.terms import LossTerm, Terms
-from moe_lm.objectives.distill import distill_kl
-from moe_lm.objectives.mtp import MTPHeads
+from moe_lm.training.objectives.distill import distill_kl
+from moe_lm.training.objectives.mtp import MTPHeads
 from moe_lm.training import distributed as dist_utils
 from moe_lm.training.trained_model import load_trained_model
 

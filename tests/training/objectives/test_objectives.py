@@ -8,7 +8,7 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from moe_lm.inference import load_model
 from moe_lm.inference.evaluate import val_split_batches
-from moe_lm.objectives import MTPHeads, distill_kl
+from moe_lm.training.objectives import MTPHeads, distill_kl
 from moe_lm.training.checkpoint import list_checkpoints
 from tests.conftest import read_metrics
 from tests.training.helpers import train_run

@@ -1,0 +1,77 @@
+"""A training run on a three-source mixture: its per-source validation rows equal `moe_lm.eval`'s
+loss of the final checkpoint on each source's validation split alone, and a resumed run repeats
+the uninterrupted run's losses."""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from moe_lm.config import DataConfig
+from moe_lm.data import TokenLoader, get_tokenizer, prepare
+from moe_lm.inference.evaluate import evaluate_batches
+from moe_lm.inference import load_model
+from moe_lm.inference.text import token_byte_lengths
+
+from ..conftest import TINY_OVERRIDES, read_metrics, train_losses
+from ..training.helpers import train_in_process
+
+
+def write_source(root: Path, files: list[Path]) -> Path:
+    root.mkdir(parents=True)
+    with open(root / "docs.jsonl", "w") as f:
+        for p in files:
+            f.write(json.dumps({"text": p.read_text(errors="replace")}) + "\n")
+    return root
+
+
+WEIGHTS = {"web": 0.6, "code": 0.3, "books": 0.1}
+
+
+def mixture_overrides(tmp_path: Path) -> tuple[dict[str, Path], list[str]]:
+    """Three sources of ten stdlib files each, and the tiny run's overrides that mix them."""
+    stdlib = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    paths = {name: write_source(tmp_path / name, stdlib[10 * i:10 * i + 10])
+             for i, name in enumerate(WEIGHTS)}
+    sources = ",".join(f"{{name: {n}, path: {paths[n]}, weight: {w}}}"
+                       for n, w in WEIGHTS.items())
+    return paths, [*TINY_OVERRIDES, f"data.cache_dir={tmp_path / 'cache'}",
+                   "data.val_fraction=0.2", f"data.sources=[{sources}]"]
+
+
+@pytest.mark.slow
+def test_per_source_val_rows_equal_eval_on_each_source(tmp_path):
+    weights = WEIGHTS
+    paths, base = mixture_overrides(tmp_path)
+    run = tmp_path / "run"
+    overrides = [*base, "trainer.max_steps=4", "trainer.eval_every=4", "trainer.ckpt_every=4"]
+    train_in_process(run, overrides)
+    final = [r for r in read_metrics(run) if "val_loss" in r][-1]
+    assert final["step"] == 4
+    assert final["val_loss"] == pytest.approx(
+        sum(w * final[f"val/{n}/loss"] for n, w in weights.items()), rel=1e-6)
+    loaded = load_model(run, device="cpu")
+    tok = get_tokenizer("cl100k_base")
+    lengths = token_byte_lengths(tok, loaded.cfg.model.vocab_size)
+    for name in weights:
+        cfg = DataConfig(path=str(paths[name]), seq_len=32, batch_size=4, val_fraction=0.2,
+                         cache_dir=str(tmp_path / "cache"))
+        val = TokenLoader(prepare(cfg, tok), "val", 32, 4, seed=loaded.cfg.trainer.seed)
+        alone = evaluate_batches(loaded.model, val.val_batches(2), lengths, "fp32")
+        assert final[f"val/{name}/loss"] == pytest.approx(alone.loss, abs=1e-5)
+        assert 0 < final[f"data/{name}/epochs"] < 1
+
+
+@pytest.mark.slow
+def test_resumed_mixture_run_repeats_the_uninterrupted_losses(tmp_path):
+    _, base = mixture_overrides(tmp_path)
+    steps = [*base, "trainer.max_steps=8", "trainer.ckpt_every=4"]
+    train_in_process(tmp_path / "full", steps)
+    train_in_process(tmp_path / "split", [*steps, "trainer.stop_at=4"])
+    assert max(train_losses(tmp_path / "split")) == 4
+    train_in_process(tmp_path / "split", steps)
+    full, split = train_losses(tmp_path / "full"), train_losses(tmp_path / "split")
+    assert [split[s] for s in range(5, 9)] == [full[s] for s in range(5, 9)]
