@@ -4,8 +4,8 @@ Plans (`python -m moe_lm.plan`) and dry runs (`trainer.dry_run=true`) write unde
 `outputs/plans/<date>/<time>/`, away from the training runs in `outputs/<date>/<time>/`: the
 `${run_kind:...}` resolver (`moe_lm.config.run_kind`) in `conf/config.yaml`'s `hydra.run.dir`.
 A single run refused before it starts (a config error, or a launch guard refusal such as the 1T
-run on a laptop) removes the fresh directory Hydra made for it; a directory that held anything before is never touched, and a
-sweep job keeps its `status.json` for the report.
+run on a laptop) removes the fresh default directory Hydra made for it; a directory named with
+`hydra.run.dir` is never removed, and a sweep job keeps its `status.json` for the report.
 """
 
 from __future__ import annotations
@@ -16,6 +16,12 @@ from pathlib import Path
 HYDRA_FILES = ("train.log", "plan.log")  # Hydra's job log, created before the job runs
 OWN_FILES = (*HYDRA_FILES, "status.json")
 PLANS = "plans"  # config.run_kind's folder
+
+
+def is_default(hydra_overrides: list[str]) -> bool:
+    """Whether the run directory is the default, time-stamped one (never a directory the user
+    named with `hydra.run.dir`, which is left as it is)."""
+    return not any(o.lstrip("+").startswith("hydra.run.dir=") for o in hydra_overrides)
 
 
 def is_fresh(run_dir: Path) -> bool:

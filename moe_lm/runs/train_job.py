@@ -99,7 +99,8 @@ def train_job(cfg: DictConfig) -> JobResult:
     first = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
     if sweep:
         name_sweep_job(cfg)
-    fresh = first and not sweep and run_dir_tools.is_fresh(run_dir)
+    fresh = (first and not sweep and run_dir_tools.is_default(list(hc.overrides.hydra))
+             and run_dir_tools.is_fresh(run_dir))
     started = False  # until then a refused single run leaves no directory behind
     if first:
         job_status.start_job(run_dir, list(hc.overrides.task), hc.job.num if sweep else None)
