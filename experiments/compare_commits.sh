@@ -18,6 +18,6 @@ for round in $(seq "$rounds"); do
     tree=$repo; [ "$side" = old ] && tree=$old_dir
     dirty=""; git -C "$tree" diff --quiet HEAD || dirty="+uncommitted changes"
     echo "===== round $round: $side ($(git -C "$tree" rev-parse --short HEAD)$dirty)"
-    (cd "$tree" && PYTHONPATH="$tree" python "$@")
+    (cd "$tree" && PYTHONPATH="$tree" "${PYTHON:-python}" "$@")
   done
 done

@@ -33,6 +33,15 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    # Switches for imported architectures (moe_lm.import_hf); the defaults are moe_lm's own model.
+    head_dim: int = 0  # query/key/value head width; 0 = d_model / n_heads (Qwen3-MoE sets it)
+    qk_norm: str = "none"  # none | head (RMSNorm per head: Qwen3-MoE) | proj (whole q/k: OLMoE)
+    clip_qkv: float = 0.0  # > 0: clamp q, k, v to [-clip_qkv, clip_qkv] (OLMoE's clip_qkv)
+
+    @property
+    def head_width(self) -> int:
+        """The attention head width: `head_dim`, or d_model / n_heads when it is 0."""
+        return self.head_dim or self.d_model // self.n_heads
 
 
 @dataclass
@@ -50,6 +59,7 @@ class ExpertConfig:
     bias_update_rate: float = 0.0  # > 0 enables aux-loss-free balancing (DeepSeek-V3)
     num_groups: int = 1  # group_limited: experts split into this many groups (nodes)
     topk_groups: int = 1  # group_limited: groups each token may route to
+    norm_topk_prob: bool = True  # softmax router: renormalise the k weights (False: OLMoE, Qwen3-MoE)
 
 
 @dataclass
@@ -192,6 +202,15 @@ class PlanConfig:
 
 
 @dataclass
+class InitConfig:
+    """Where a new run's weights come from: random (moe_lm's init) or an existing checkpoint."""
+
+    # a run directory or checkpoints/step_N (e.g. one written by moe_lm.import_hf): the new run
+    # starts from its weights, model shape, routing and tokenizer, with a fresh optimizer and schedule
+    from_checkpoint: Optional[str] = None
+
+
+@dataclass
 class TrainConfig:
     """The whole run."""
 
@@ -205,6 +224,7 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    init: InitConfig = field(default_factory=InitConfig)
 
 
 GROUP_SCHEMAS = {
@@ -277,6 +297,9 @@ def validate(cfg: TrainConfig) -> None:
     _check(e.router != "expert_choice" or e.capacity_factor > 0,
            "expert.router=expert_choice needs expert.capacity_factor > 0 (tokens per expert = "
            "capacity_factor * tokens * top_k / num_experts); set e.g. expert.capacity_factor=1.0.")
+    _check(e.norm_topk_prob or e.router == "softmax",
+           f"expert.norm_topk_prob=false applies to the softmax router only (expert.router="
+           f"{e.router} always normalises its weights): set expert.norm_topk_prob=true.")
     _check(e.num_shared >= 0, "expert.num_shared must be >= 0.")
     _check(0 <= e.jitter < 1, f"expert.jitter={e.jitter} must lie in [0, 1) (0 = off; e.g. 0.01).")
     _check(e.bias_update_rate >= 0,
@@ -295,9 +318,15 @@ def validate(cfg: TrainConfig) -> None:
     _check(lc.distill_temperature > 0, "loss.distill_temperature must be > 0.")
     _check(lc.mtp_depth >= 1 and lc.mtp_depth < d.seq_len,
            f"loss.mtp_depth={lc.mtp_depth} must be >= 1 and below data.seq_len={d.seq_len}.")
-    _check(m.d_model % m.n_heads == 0,
-           f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}.")
-    _check((m.d_model // m.n_heads) % 2 == 0, "model.d_model / model.n_heads must be even (rotary).")
+    _check(m.head_dim > 0 or m.d_model % m.n_heads == 0,
+           f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads} (or set "
+           "model.head_dim).")
+    _check(m.head_dim >= 0 and m.head_width % 2 == 0,
+           "the head width (model.head_dim, or model.d_model / model.n_heads) must be even (rotary).")
+    _check(m.qk_norm in ("none", "head", "proj"),
+           f"model.qk_norm={m.qk_norm!r}: choose none, head (per-head RMSNorm, Qwen3-MoE) or proj "
+           "(RMSNorm over the whole query and key projections, OLMoE).")
+    _check(m.clip_qkv >= 0, f"model.clip_qkv={m.clip_qkv} must be >= 0 (0 = off).")
     _check(m.n_heads % m.n_kv_heads == 0,
            f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}.")
     _check(m.n_layers >= 1 and m.moe_every >= 1 and 0 <= m.n_dense_layers <= m.n_layers,

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from moe_lm.config import register_configs, to_train_config
 from moe_lm.errors import MoeLMError
 from moe_lm.planning import format_plan, make_plan, with_tokenizer_vocab, write_plan
+from moe_lm.training.warm_start import warm_start_config
 
 register_configs()
 
@@ -24,7 +25,7 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     """Plans one run; writes `<run dir>/plan.json`."""
     try:
-        plan = make_plan(with_tokenizer_vocab(to_train_config(cfg)))
+        plan = make_plan(with_tokenizer_vocab(warm_start_config(to_train_config(cfg))))
     except MoeLMError as err:
         print(f"moe_lm: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)

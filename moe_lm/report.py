@@ -1,17 +1,5 @@
-"""`python -m moe_lm.report <multirun dir>`: one table and one plot for a whole sweep.
-
-Reads every job of a Hydra multirun directory (its `status.json`, `metrics.jsonl` and overrides)
-and writes into that directory
-
-- `report.md`: a markdown table, one row per job: the overrides that vary across the sweep, its
-  status, steps, final validation loss, training tokens/s (median over logged steps), and the
-  load imbalance and dropped fraction of its last logged step; also printed to stdout;
-- `report.png`: validation loss against step, one line per job.
-
-Jobs that failed, were killed or never started are listed as such: a job's status comes from its
-`status.json` (see `moe_lm.launch.job_status`), and the jobs the sweep should have run come from
-the sweep's `multirun.yaml` (for Hydra's basic sweeper), so a job without a directory is `missing`.
-"""
+"""`python -m moe_lm.report <multirun dir>`: one table and one plot for a whole sweep
+(`report.md`, `report.png`; what they hold: `moe_lm.reporting.sweep_report`)."""
 
 from __future__ import annotations
 

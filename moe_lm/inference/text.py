@@ -11,8 +11,7 @@ from moe_lm.data import Tokenizer
 
 def token_bytes_fn(tokenizer: Tokenizer) -> Callable[[int], bytes]:
     """id -> the raw bytes of that token (a token may hold part of a multi-byte character)."""
-    enc = tokenizer._enc  # the tiktoken Encoding; moe_lm's Tokenizer wraps exactly one
-    return enc.decode_single_token_bytes
+    return tokenizer.token_bytes
 
 
 def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
@@ -21,15 +20,13 @@ def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
     Bits per byte divides a text's total loss by its byte count, so the end-of-text token (not
     part of any document) adds its loss but no bytes.
     """
-    enc = tokenizer._enc
     lengths = np.zeros(vocab_size, dtype=np.int64)
-    special = set(enc.special_tokens_set)
-    special_ids = {enc.encode_single_token(s) for s in special}
-    for i in range(min(vocab_size, enc.n_vocab)):
+    special_ids = tokenizer.special_ids
+    for i in range(min(vocab_size, tokenizer.n_vocab)):
         if i in special_ids:
             continue
         try:
-            lengths[i] = len(enc.decode_single_token_bytes(i))
+            lengths[i] = len(tokenizer.token_bytes(i))
         except KeyError:  # holes in the id range of some encodings
             pass
     return lengths

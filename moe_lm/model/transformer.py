@@ -67,20 +67,49 @@ def apply_rotary(x_BSHD: torch.Tensor, rope_SF2: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Causal grouped-query self-attention through `scaled_dot_product_attention`."""
+    """Causal grouped-query self-attention through `scaled_dot_product_attention`.
+
+    Switches for imported architectures (all off by default): `qk_norm=head` RMS-normalises each
+    head's query and key (Qwen3-MoE), `qk_norm=proj` the whole query and key projections (OLMoE),
+    both before rotary; `clip_qkv > 0` clamps q, k, v after that (OLMoE's `clip_qkv`).
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
-        self.head_dim = cfg.d_model // cfg.n_heads
+        self.head_dim = cfg.head_width
+        self.clip_qkv = cfg.clip_qkv
         self.wq = nn.Linear(cfg.d_model, cfg.n_heads * self.head_dim, bias=False)
         self.wkv = nn.Linear(cfg.d_model, 2 * cfg.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.d_model, bias=False)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm != "none":
+            per_head = cfg.qk_norm == "head"
+            self.q_norm = RMSNorm(self.head_dim if per_head else cfg.n_heads * self.head_dim,
+                                  cfg.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim if per_head else cfg.n_kv_heads * self.head_dim,
+                                  cfg.norm_eps)
+
+    def _project(self, x_BSD: torch.Tensor):
+        """q (B, S, H, Dh), k and v (B, S, G, Dh), normed and clipped as configured."""
+        B, S, _ = x_BSD.shape
+        q_BSX = self.wq(x_BSD)
+        k_BSY, v_BSY = self.wkv(x_BSD).view(B, S, 2, -1).unbind(2)
+        if self.qk_norm == "proj":
+            q_BSX, k_BSY = self.q_norm(q_BSX), self.k_norm(k_BSY)
+        q_BSHD = q_BSX.view(B, S, self.n_heads, self.head_dim)
+        k_BSGD = k_BSY.view(B, S, self.n_kv_heads, self.head_dim)
+        v_BSGD = v_BSY.view(B, S, self.n_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q_BSHD, k_BSGD = self.q_norm(q_BSHD), self.k_norm(k_BSGD)
+        if self.clip_qkv > 0:
+            c = self.clip_qkv
+            q_BSHD, k_BSGD, v_BSGD = (t.clamp(-c, c) for t in (q_BSHD, k_BSGD, v_BSGD))
+        return q_BSHD, k_BSGD, v_BSGD
 
     def forward(self, x_BSD: torch.Tensor, rope_SF2: torch.Tensor, cache=None) -> torch.Tensor:
         B, S, _ = x_BSD.shape
-        q_BSHD = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim)
-        k_BSGD, v_BSGD = self.wkv(x_BSD).view(B, S, 2, self.n_kv_heads, self.head_dim).unbind(2)
+        q_BSHD, k_BSGD, v_BSGD = self._project(x_BSD)
         q_BSHD, k_BSGD = apply_rotary(q_BSHD, rope_SF2), apply_rotary(k_BSGD, rope_SF2)
         mask_ST = None
         if cache is not None:  # generation: append to this layer's KV cache, attend to all of it
@@ -158,8 +187,8 @@ class Transformer(nn.Module):
         """`cache` (moe_lm.inference.KVCache) continues a sequence from position `cache.length`."""
         S = tokens_BS.shape[1]
         start = 0 if cache is None else cache.length
-        rope_SF2 = rotary_tables(start + S, self.cfg.d_model // self.cfg.n_heads,
-                                 self.cfg.rope_theta, tokens_BS.device)[start:]
+        rope_SF2 = rotary_tables(start + S, self.cfg.head_width, self.cfg.rope_theta,
+                                 tokens_BS.device)[start:]
         x_BSD = self.embed(tokens_BS)
         stats: list[MoEStats] = []
         for i, layer in enumerate(self.layers):
@@ -181,8 +210,9 @@ class Transformer(nn.Module):
 def count_params(cfg: ModelConfig, expert_cfg: ExpertConfig) -> dict[str, int]:
     """Parameter counts from the architecture alone: total and active per token."""
     D, V, L = cfg.d_model, cfg.vocab_size, cfg.n_layers
-    hd = D // cfg.n_heads
+    hd = cfg.head_width
     attn = D * cfg.n_heads * hd + 2 * D * cfg.n_kv_heads * hd + cfg.n_heads * hd * D
+    attn += {"none": 0, "head": 2 * hd, "proj": (cfg.n_heads + cfg.n_kv_heads) * hd}[cfg.qk_norm]
     norms = 2 * D
     dense_mlp = 3 * D * cfg.ffn_hidden
     E, F_, k = expert_cfg.num_experts, expert_cfg.hidden_size, expert_cfg.top_k

@@ -95,7 +95,7 @@ def flops_per_token(cfg: TrainConfig, table: dict[str, dict[str, int]],
         matmul_weights["lm_head"] = head
     out = {f"{c}_matmuls": 6.0 * n for c, n in matmul_weights.items() if n}
     keys = (cfg.data.seq_len + 1) / 2 if causal else cfg.data.seq_len
-    attn_width = m.n_heads * (m.d_model // m.n_heads)
+    attn_width = m.n_heads * m.head_width
     out["attention_scores"] = 3.0 * m.n_layers * 4.0 * attn_width * keys
     out["total"] = sum(out.values())
     return out

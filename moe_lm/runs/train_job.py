@@ -26,6 +26,7 @@ from moe_lm.planning.guard import Hardware, check_launch
 from moe_lm.runs import run_dir as run_dir_tools
 from moe_lm.training import distributed as dist_utils
 from moe_lm.training.loop import run_training
+from moe_lm.training.warm_start import warm_start_config
 
 SWEEP_STOPPED_EXIT = 128 + signal.SIGTERM  # a SIGTERM'd sweep job ends the whole sweep
 
@@ -105,7 +106,10 @@ def train_job(cfg: DictConfig) -> JobResult:
     if first:
         job_status.start_job(run_dir, list(hc.overrides.task), hc.job.num if sweep else None)
     try:
-        train_cfg = to_train_config(cfg)
+        train_cfg = warm_start_config(to_train_config(cfg))  # init.from_checkpoint: its model
+        if train_cfg.init.from_checkpoint:  # .hydra/ records the model the run really trains
+            cfg = OmegaConf.merge(cfg, {k: OmegaConf.to_container(OmegaConf.structured(
+                getattr(train_cfg, k))) for k in ("model", "expert", "data")})
         if sweep and slurm.needs_torchrun(os.environ, hc.launcher.get("_target_")):
             return JobResult({"val_loss": slurm.run_job_under_torchrun(
                 str(run_dir), torchrun_args(cfg), os.environ, hc.launcher.get("gpus_per_node"))})

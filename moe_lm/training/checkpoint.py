@@ -13,13 +13,15 @@ import json
 import os
 import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -27,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from moe_lm.config import ModelConfig
 from moe_lm.errors import CheckpointError
 from moe_lm.training import distributed as dist_utils
 
@@ -42,6 +45,13 @@ class Checkpoint:
     meta: dict[str, Any]
 
 
+def model_identity(cfg, tokenizer_name: str) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the model config, expert shape and tokenizer."""
+    return {"model": asdict(cfg.model), "num_experts": cfg.expert.num_experts,
+            "expert_hidden": cfg.expert.hidden_size, "num_shared": cfg.expert.num_shared,
+            "tokenizer": tokenizer_name}
+
+
 def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
@@ -49,14 +59,7 @@ def checkpoint_dir(run_dir: Path) -> Path:
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     trainer_state: dict[str, Any], identity: dict[str, Any], keep_last: int) -> Path:
     """Writes checkpoint `step` atomically (all ranks call this) and prunes to `keep_last`."""
-    root = checkpoint_dir(run_dir)
-    final = root / f"{STEP_PREFIX}{step:07d}"
-    tmp = root / f".tmp_{STEP_PREFIX}{step:07d}"
-    if dist_utils.is_rank0():
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    dist_utils.barrier()
+    tmp, final = _begin(run_dir, step)
     state = {"model": get_model_state_dict(model),
              "optim": get_optimizer_state_dict(model, optimizer)}
     with warnings.catch_warnings():
@@ -68,16 +71,68 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
     dist_utils.barrier()
     if dist_utils.is_rank0():
         torch.save(trainer_state, tmp / "trainer_state.pt")
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        meta = {"step": step, "identity": identity, "files": files,
-                "world_size": dist_utils.world_size()}
-        _write_synced(tmp / "meta.json", json.dumps(meta, indent=1))
-        if final.exists():  # the same step saved again (a resumed run that ended where it began)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _prune(root, keep_last)
+        _finish(tmp, final, {"step": step, "identity": identity,
+                             "world_size": dist_utils.world_size()}, keep_last)
     dist_utils.barrier()
     return final
+
+
+class _LazySavePlanner(DefaultSavePlanner):
+    """Plans from shape-only (meta) tensors and makes each real tensor only when DCP writes it."""
+
+    def __init__(self, produce: Callable[[str], torch.Tensor]):
+        super().__init__()
+        self.produce = produce
+
+    def resolve_data(self, write_item):
+        if write_item.type == WriteItemType.BYTE_IO:
+            return super().resolve_data(write_item)
+        return self.produce(write_item.index.fqn)
+
+
+def save_weights(run_dir: Path, step: int, shapes: dict[str, torch.Tensor],
+                 produce: Callable[[str], torch.Tensor], identity: dict[str, Any]) -> Path:
+    """Writes a model-only checkpoint (one process) without holding the state dict in memory.
+
+    `shapes` maps each `model.<name>` key to a meta tensor of its shape and dtype; `produce(key)`
+    returns the real tensor when DCP writes it, so at most one tensor is alive at a time (one file
+    per tensor: DCP keeps every tensor of a file alive until the file is done). The checkpoint has
+    no optimizer state (`meta.json`: `"weights_only": true`): training from it starts a fresh
+    optimizer and schedule, and the tools read it like any other.
+    """
+    tmp, final = _begin(run_dir, step)
+    writer = dcp.FileSystemWriter(str(tmp), single_file_per_rank=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"model": shapes}, storage_writer=writer, planner=_LazySavePlanner(produce),
+                 no_dist=True)
+    torch.save({"step": step, "weights_only": True}, tmp / "trainer_state.pt")
+    _finish(tmp, final, {"step": step, "identity": identity, "world_size": 1,
+                         "weights_only": True}, keep_last=1)
+    return final
+
+
+def _begin(run_dir: Path, step: int) -> tuple[Path, Path]:
+    root = checkpoint_dir(run_dir)
+    final = root / f"{STEP_PREFIX}{step:07d}"
+    tmp = root / f".tmp_{STEP_PREFIX}{step:07d}"
+    if dist_utils.is_rank0():
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist_utils.barrier()
+    return tmp, final
+
+
+def _finish(tmp: Path, final: Path, meta: dict[str, Any], keep_last: int) -> None:
+    """meta.json (with every file's size) written last, then the rename that makes it complete."""
+    meta = {**meta, "files": {p.name: p.stat().st_size for p in sorted(tmp.iterdir())
+                              if p.is_file()}}
+    _write_synced(tmp / "meta.json", json.dumps(meta, indent=1))
+    if final.exists():  # the same step saved again (a resumed run that ended where it began)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _prune(final.parent, keep_last)
 
 
 def _write_synced(path: Path, text: str) -> None:
@@ -130,7 +185,9 @@ def _completeness_problem(path: Path) -> str | None:
 
 def check_identity(ckpt: Checkpoint, identity: dict[str, Any]) -> None:
     """Refuses a checkpoint made for a different model shape or tokenizer, naming the difference."""
-    saved = ckpt.meta.get("identity", {})
+    saved = dict(ckpt.meta.get("identity", {}))
+    if isinstance(saved.get("model"), dict):  # keys added to ModelConfig later take their defaults
+        saved["model"] = {**asdict(ModelConfig()), **saved["model"]}
     diffs = [f"{k}: checkpoint has {saved.get(k)!r}, this run has {v!r}"
              for k, v in identity.items() if saved.get(k) != v]
     if diffs:

@@ -10,7 +10,7 @@ import contextlib
 import math
 import signal
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,6 +32,7 @@ from moe_lm.training.checkpoint import (
     check_identity,
     list_checkpoints,
     load_checkpoint,
+    model_identity,
     save_checkpoint,
 )
 from moe_lm.training.metrics import MetricsLogger, RoutingAccumulator, score_bias_metrics
@@ -39,6 +40,8 @@ from moe_lm.training.routing_monitor import RoutingMonitor, heatmap_path
 from moe_lm.training.optim import build_optimizer, build_scheduler
 from moe_lm.training.step import forward_backward
 from moe_lm.training.summary import already_complete, end_summary, start_summary
+from moe_lm.training.trained_model import load_model_weights, resolve_checkpoint
+from moe_lm.training.warm_start import warm_start_config
 
 
 class TrainingError(MoeLMError):
@@ -81,6 +84,8 @@ class Trainer:
             self.model = Transformer(cfg.model, cfg.expert, cfg.loss)
         parallelize(self.model, self.mesh, cfg, self.precision)
         init_on_device(self.model, self.device, cfg.trainer.seed)  # same values for any layout
+        if cfg.init.from_checkpoint and not list_checkpoints(self.run_dir, warn=False):
+            self.start_from(resolve_checkpoint(cfg.init.from_checkpoint)[0])
         if cfg.trainer.compile:
             compile_blocks(self.model, self.device)
         # distillation teacher / MTP modules (attached as model.mtp, so before the optimizer)
@@ -100,13 +105,23 @@ class Trainer:
     @property
     def identity(self) -> dict[str, Any]:
         """What a checkpoint must match to be resumed by this run."""
-        return {"model": asdict(self.cfg.model), "num_experts": self.cfg.expert.num_experts,
-                "expert_hidden": self.cfg.expert.hidden_size,
-                "num_shared": self.cfg.expert.num_shared, "tokenizer": self.tokenizer.name}
+        return model_identity(self.cfg, self.tokenizer.name)
+
+    def start_from(self, ckpt) -> None:
+        """Takes a checkpoint's model weights only (init.from_checkpoint, or a weights-only
+        checkpoint such as moe_lm.import_hf writes): optimizer, schedule and data start fresh."""
+        check_identity(ckpt, self.identity)
+        load_model_weights(ckpt, self.model)
+        if dist_utils.is_rank0():
+            print(f"starting from the weights of {ckpt.path} (fresh optimizer and schedule)",
+                  flush=True)
 
     def resume_if_possible(self) -> bool:
         """Loads the newest complete checkpoint of the run directory, if any."""
         for ckpt in list_checkpoints(self.run_dir):
+            if ckpt.meta.get("weights_only"):
+                self.start_from(ckpt)
+                return False
             check_identity(ckpt, self.identity)
             refuse_weights_only(ckpt)
             state = load_checkpoint(ckpt, self.model, self.optimizer)
@@ -333,6 +348,7 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     Under torchrun it first checks the layout against the world size, then joins the process
     group (and leaves it at the end, also after an error).
     """
+    cfg = warm_start_config(cfg)  # init.from_checkpoint: the checkpoint's model and tokenizer
     device_type = resolve_device(cfg.trainer.device).type
     validate_layout(cfg.parallel, cfg.expert, dist_utils.launched_world_size()
                     if not dist_utils.is_initialized() else dist_utils.world_size(), device_type)

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from moe_lm.config import ModelConfig, TrainConfig, to_train_config
+from moe_lm.data.tokenizer import checkpoint_tokenizer_spec
 from moe_lm.errors import CheckpointError, ConfigError, MoeLMError
 from moe_lm.model import Transformer
 from moe_lm.training.checkpoint import Checkpoint, list_checkpoints
@@ -92,7 +93,8 @@ def config_for_checkpoint(ckpt: Checkpoint, run_dir: Path | None) -> TrainConfig
     expert_cfg = replace(cfg.expert, num_experts=identity["num_experts"],
                          hidden_size=identity["expert_hidden"], num_shared=identity["num_shared"])
     expert_cfg = replace(expert_cfg, top_k=min(expert_cfg.top_k, expert_cfg.num_experts))
-    data_cfg = replace(cfg.data, tokenizer=identity["tokenizer"])
+    data_cfg = replace(cfg.data, tokenizer=checkpoint_tokenizer_spec(
+        identity["tokenizer"], cfg.data.tokenizer, run_dir))
     return replace(cfg, model=model_cfg, expert=expert_cfg, data=data_cfg)
 
 

@@ -86,12 +86,15 @@ class TopKRouter(Router):
         """The k experts of each token, (T, k) int64, from scores plus the selection bias."""
         return biased_TE.topk(self.top_k, dim=-1).indices
 
+    def combine_weights(self, top_Tk: torch.Tensor) -> torch.Tensor:
+        """The k picked scores as combine weights: normalised to sum to 1."""
+        return top_Tk / top_Tk.sum(-1, keepdim=True).clamp_min(1e-20)
+
     def route(self, logits_TE: torch.Tensor) -> Routing:
         T, E = logits_TE.shape
         scores_TE, probs_TE = self.scores(logits_TE)
         expert_idx_Tk = self.select(scores_TE + self.score_bias)  # bias moves selection only
-        top_Tk = scores_TE.gather(-1, expert_idx_Tk)
-        weights_Tk = top_Tk / top_Tk.sum(-1, keepdim=True).clamp_min(1e-20)
+        weights_Tk = self.combine_weights(scores_TE.gather(-1, expert_idx_Tk))
         capacity = None
         if self.training and self.capacity_factor > 0:
             capacity = math.ceil(self.capacity_factor * T * self.top_k / E)
