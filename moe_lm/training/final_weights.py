@@ -6,7 +6,7 @@ checkpoint is rewritten with the model state only (same DCP format, so eval, gen
 prune and quantize load it unchanged) and every older checkpoint is removed. The weights-only
 checkpoint is written beside the full one and swapped in only when complete, so a crash leaves
 the full checkpoint. It cannot be resumed (no optimizer state): `meta.json` says
-`"weights_only": true` and the trainer refuses it with what to do instead.
+`"weights_only": true, "final_weights": true` and the trainer refuses it with what to do instead.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def keep_final_weights_only(run_dir: Path, model: nn.Module) -> Path:
         for name in KEPT_FILES:
             shutil.copy2(newest.path / name, tmp / name)
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        meta = {**newest.meta, "files": files, "weights_only": True}
+        meta = {**newest.meta, "files": files, "weights_only": True, "final_weights": True}
         with open(tmp / "meta.json", "w") as f:
             f.write(json.dumps(meta, indent=1))
             f.flush()
@@ -60,8 +60,9 @@ def keep_final_weights_only(run_dir: Path, model: nn.Module) -> Path:
 
 
 def refuse_weights_only(ckpt: Checkpoint) -> None:
-    """Raises CheckpointError for a weights-only checkpoint, which a run cannot resume."""
-    if ckpt.meta.get("weights_only"):
+    """Raises CheckpointError for a finished run's final weights, which it cannot resume (other
+    weights-only checkpoints are starting points: `Trainer.start_from`)."""
+    if ckpt.meta.get("final_weights"):
         raise CheckpointError(
             f"{ckpt.path} holds the final weights only (the run used "
             "trainer.final_weights_only=true): it has no optimizer state to resume from. The run "

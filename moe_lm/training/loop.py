@@ -119,11 +119,11 @@ class Trainer:
     def resume_if_possible(self) -> bool:
         """Loads the newest complete checkpoint of the run directory, if any."""
         for ckpt in list_checkpoints(self.run_dir):
+            refuse_weights_only(ckpt)  # a finished run's final weights (trainer.final_weights_only)
             if ckpt.meta.get("weights_only"):
                 self.start_from(ckpt)
                 return False
             check_identity(ckpt, self.identity)
-            refuse_weights_only(ckpt)
             state = load_checkpoint(ckpt, self.model, self.optimizer)
             self.scheduler.load_state_dict(state["scheduler"])
             self.check_batch_layout(state, ckpt.path)
