@@ -7,6 +7,7 @@ the cross-field rules that types alone cannot express. Below the entry point no 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -136,7 +137,7 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    grad_clip: float = 1.0
+    grad_clip: Optional[float] = 1.0  # max global grad norm; null: no clipping (norm still logged)
 
 
 @dataclass
@@ -169,7 +170,14 @@ class TrainerConfig:
     compile: bool = False
     dry_run: bool = False
     collective_timeout_s: float = 600.0  # a collective that waits longer fails the run, clearly
+    resume: str = "auto"  # auto | never | must: see moe_lm.training.resume
+    resume_allow_changes: list[str] = field(default_factory=list)  # changed keys accepted on resume
     monitor: RoutingMonitorConfig = field(default_factory=RoutingMonitorConfig)
+    # lm-eval tasks run at each eval (needs the [eval] extra), logged as eval/<task>/<metric>
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_tasks_limit: int = 0  # documents per task (0: all of them)
+    eval_tasks_num_fewshot: Optional[int] = None  # None: each task's own
+    eval_tasks_include_path: Optional[str] = None  # a directory of task YAMLs (local files)
 
 
 @dataclass
@@ -318,6 +326,7 @@ def validate(cfg: TrainConfig) -> None:
     _check(lc.distill_temperature > 0, "loss.distill_temperature must be > 0.")
     _check(lc.mtp_depth >= 1 and lc.mtp_depth < d.seq_len,
            f"loss.mtp_depth={lc.mtp_depth} must be >= 1 and below data.seq_len={d.seq_len}.")
+    _validate_sizes_and_optim(cfg)
     _check(m.head_dim > 0 or m.d_model % m.n_heads == 0,
            f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads} (or set "
            "model.head_dim).")
@@ -338,6 +347,8 @@ def validate(cfg: TrainConfig) -> None:
     _check(min(t.log_every, t.eval_every, t.ckpt_every, t.keep_last, t.eval_batches) >= 1,
            "trainer.log_every, eval_every, ckpt_every, keep_last and eval_batches must be >= 1.")
     _check(t.device in ("auto", "cpu", "cuda"), f"trainer.device={t.device!r}: auto, cpu or cuda.")
+    _check(t.eval_tasks_limit >= 0 and (t.eval_tasks_num_fewshot or 0) >= 0,
+           "trainer.eval_tasks_limit (0 = every document) and eval_tasks_num_fewshot must be >= 0.")
     _check(0 <= t.monitor.dead_frac < 1 and 0 <= t.monitor.collapse_entropy < 1
            and t.monitor.window >= 1,
            "trainer.monitor.dead_frac and collapse_entropy must lie in [0, 1) (0 turns a check "
@@ -361,6 +372,30 @@ def validate(cfg: TrainConfig) -> None:
            f"{pl.memory_headroom} in [0, 1).")
     _check(cfg.logger.wandb.mode in ("online", "offline", "disabled"),
            "logger.wandb.mode: online, offline or disabled.")
+
+
+def _validate_sizes_and_optim(cfg: TrainConfig) -> None:
+    """Values that would train wrongly without a word (gradient ascent, zeroed gradients) or fail
+    deep inside torch (zero-sized layers)."""
+    m, e, o, t = cfg.model, cfg.expert, cfg.optim, cfg.trainer
+    sizes = {"model.d_model": m.d_model, "model.n_heads": m.n_heads,
+             "model.n_kv_heads": m.n_kv_heads, "model.ffn_hidden": m.ffn_hidden,
+             "expert.hidden_size": e.hidden_size}
+    bad = [f"{k}={v}" for k, v in sizes.items() if v < 1]
+    _check(not bad, f"{', '.join(bad)}: model sizes must be >= 1.")
+    _check(o.lr > 0 and math.isfinite(o.lr),
+           f"optim.lr={o.lr} must be a positive number (e.g. 3e-3); a negative one ascends.")
+    _check(o.grad_clip is None or (o.grad_clip > 0 and math.isfinite(o.grad_clip)),
+           f"optim.grad_clip={o.grad_clip} must be > 0 (the max gradient norm, e.g. 1.0), or "
+           "optim.grad_clip=null to turn clipping off; 0 would zero every gradient and a negative "
+           "value would flip them.")
+    _check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0 (0: none).")
+    _check(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must lie in [0, 1].")
+    _check(o.weight_decay >= 0 and o.eps > 0 and 0 <= o.beta1 < 1 and 0 <= o.beta2 < 1,
+           "optim.weight_decay >= 0, optim.eps > 0 and optim.beta1, optim.beta2 in [0, 1).")
+    _check(t.resume in ("auto", "never", "must"),
+           f"trainer.resume={t.resume!r}: auto (resume if possible), never (start fresh; the old "
+           "checkpoints are moved aside) or must (fail without a checkpoint).")
 
 
 def _check_groups(e: ExpertConfig) -> None:

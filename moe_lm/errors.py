@@ -15,3 +15,11 @@ class DataError(MoeLMError):
 
 class CheckpointError(MoeLMError):
     """A checkpoint that is corrupt, truncated or from a different model or tokenizer."""
+
+
+class DiskFullError(CheckpointError):
+    """A save that ran out of disk space (the message says how much to free)."""
+
+
+class RunLockedError(MoeLMError):
+    """The run directory is in use by another live run."""

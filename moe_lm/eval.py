@@ -1,11 +1,10 @@
-"""Evaluation: `python -m moe_lm.eval <run dir or checkpoint> [--data PATH]`.
+"""Evaluation: `python -m moe_lm.eval <run dir or checkpoint> [--data PATH | --tasks T1,T2]`.
 
-Reports the mean next-token loss (nats), perplexity and bits per byte. Bits per byte divide the
+Reports the mean next-token loss (nats), perplexity and bits per byte, on the run's held-out split
+(the batches the training loop evaluated, so the loss matches the run's `val_loss` there) or on
+`--data` files (.txt/.md/.jsonl/.parquet, in windows of `data.seq_len`). Bits per byte divide the
 total loss by the UTF-8 size of the predicted text, so models with different tokenizers compare.
-Without `--data` it uses the run's own held-out split, the same `trainer.eval_batches` batches the
-training loop evaluated (so the loss matches the run's last `val_loss` at that checkpoint); with
-`--data` it reads the named files (.txt/.md/.jsonl/.parquet, a file or a directory) and scores all
-their tokens, in windows of `data.seq_len`, end-of-text between documents.
+`--tasks` runs lm-evaluation-harness tasks instead (moe_lm.inference.task_eval).
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from moe_lm.compress.quantize import quantize_experts_int8
 from moe_lm.inference import load_model
 from moe_lm.inference.cli import add_model_args, run_cli
 from moe_lm.inference.evaluate import evaluate_loaded, format_result, result_row
+from moe_lm.inference.task_eval import add_task_args, evaluate_tasks
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,11 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=None,
                    help="val batches to use (default: the run's trainer.eval_batches)")
     p.add_argument("--seq-len", type=int, default=None, help="window length for --data")
-    p.add_argument("--batch-size", type=int, default=None, help="windows per batch for --data")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="windows per batch for --data, requests per forward for --tasks")
     p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
     p.add_argument("--precision", default=None, choices=["bf16", "fp32"],
                    help="default: the run's trainer.precision")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    add_task_args(p)
     return p
 
 
@@ -41,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_model(args.path, args.device, args.backend)
     if args.quantize == "int8":
         quantize_experts_int8(loaded.model)
+    if args.tasks:  # lm-eval tasks instead of the loss
+        row, table = evaluate_tasks(loaded, args.tasks, args.num_fewshot, args.limit,
+                                    args.batch_size, args.include_path, args.precision, args.quantize)
+        print(json.dumps(row) if args.json else table)
+        return 0
     result = evaluate_loaded(loaded, args.data, args.batches, args.seq_len, args.batch_size,
                              args.precision, args.max_tokens)
     row = result_row(loaded, result, args.data, args.quantize, args.precision)

@@ -16,6 +16,7 @@ from moe_lm.config import register_configs
 from moe_lm.errors import MoeLMError
 from moe_lm.launch import slurm
 from moe_lm.runs.train_job import SWEEP_STOPPED_EXIT, in_sweep, train_job
+from moe_lm.training.run_lock import check_run_dir_arg
 
 register_configs()
 
@@ -36,6 +37,7 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(2)
     if job.sweep_stop_message:  # SIGTERM ends the whole sweep, not just this job
         print(job.sweep_stop_message, file=sys.stderr, flush=True)
+    if job.stopped:  # checkpointed and resumable: a code schedulers tell from "completed"
         sys.exit(SWEEP_STOPPED_EXIT)
     return job.val_loss
 
@@ -43,6 +45,7 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     try:
         slurm.check_launcher_plugin(sys.argv[1:])
+        check_run_dir_arg(sys.argv[1:])
     except MoeLMError as err:
         print(f"moe_lm: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)

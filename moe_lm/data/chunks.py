@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from moe_lm.data.corpus import (MB, Source, file_format, is_compressed, parquet_file,
-                                read_jsonl, read_parquet)
+                                read_jsonl, read_parquet, read_text_file)
 from moe_lm.errors import DataError
 
 
@@ -104,7 +104,7 @@ def chunk_documents(source: Source, chunk: Chunk) -> Iterator[str]:
     for part in chunk.parts:
         kind = file_format(part.path)
         if kind == "text":
-            docs: Iterator[str] = iter([part.path.read_text(encoding="utf-8", errors="replace")])
+            docs: Iterator[str] = iter([read_text_file(part.path)])  # refuses binary files
         elif kind == "jsonl":
             docs = read_jsonl(part.path, part.start, part.end)
         else:

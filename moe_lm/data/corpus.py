@@ -22,6 +22,7 @@ import gzip
 import io
 import itertools
 import json
+import logging
 import os
 import re
 import sysconfig
@@ -31,7 +32,10 @@ from typing import Iterator, Optional
 
 from moe_lm.errors import DataError
 
+log = logging.getLogger(__name__)
+
 TEXT_EXTS = (".txt", ".md")
+MAX_REPLACED_SHARE = 0.01  # invalid UTF-8 in more of a text file's characters: not text
 COMPRESSED_EXTS = (".jsonl.gz", ".jsonl.zst", ".jsonl.zstd")
 SUPPORTED_EXTS = TEXT_EXTS + (".jsonl", ".parquet") + COMPRESSED_EXTS
 MB = 1_000_000
@@ -230,11 +234,31 @@ def _user_documents(files: list[Path]) -> Iterator[str]:
     for path in files:
         kind = file_format(path)
         if kind == "text":
-            yield path.read_text(encoding="utf-8", errors="replace")
+            yield read_text_file(path)
         elif kind == "jsonl":
             yield from read_jsonl(path)
         elif kind == "parquet":
             yield from read_parquet(path)
+
+
+def read_text_file(path: Path) -> str:
+    """A .txt/.md document as UTF-8. A binary file (NUL bytes, or over MAX_REPLACED_SHARE of its
+    characters not valid UTF-8) is refused rather than tokenized as noise; a few invalid bytes are
+    replaced with a warning that counts them."""
+    raw = path.read_bytes()
+    nul = raw.count(b"\0")
+    if nul:
+        raise DataError(f"{path} holds {nul} NUL bytes: it is a binary file, not text. Remove it "
+                        "from data.path (or convert it to UTF-8 text).")
+    text = raw.decode("utf-8", errors="replace")
+    replaced = text.count("\ufffd") - raw.count("\ufffd".encode())
+    if replaced and replaced > MAX_REPLACED_SHARE * len(text):
+        raise DataError(f"{path} is not UTF-8 text: {replaced} of its {len(text)} characters are "
+                        "invalid UTF-8. Convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8) or "
+                        "remove it from data.path.")
+    if replaced:
+        log.warning("%s: %d invalid UTF-8 bytes replaced with U+FFFD", path, replaced)
+    return text
 
 
 def open_binary(path: Path) -> io.BufferedIOBase:

@@ -18,7 +18,7 @@ import torch
 
 from moe_lm.data import TokenLoader, prepare
 from moe_lm.data.corpus import user_source
-from moe_lm.errors import ConfigError, DataError
+from moe_lm.errors import CheckpointError, ConfigError, DataError
 from moe_lm.inference.loading import LoadedModel
 from moe_lm.inference.progress import progress
 from moe_lm.inference.text import token_byte_lengths
@@ -61,6 +61,9 @@ def evaluate_batches(model: Transformer, batches: Iterable[torch.Tensor], byte_l
         raise DataError("No batches to evaluate: the data is shorter than one window "
                         "(data.seq_len + 1 tokens). Use more text or a smaller --seq-len.")
     loss = total_nats / n_tokens
+    if not math.isfinite(loss):  # never a printed "Infinity" with exit code 0
+        raise CheckpointError(f"The model gives a non-finite loss ({loss}) on this data: its weights "
+                              "are damaged or diverged. Evaluate an earlier checkpoint directory.")
     return EvalResult(loss, math.exp(min(loss, 50.0)), total_nats / math.log(2) / max(n_bytes, 1),
                       n_tokens, n_bytes, n_batches)
 

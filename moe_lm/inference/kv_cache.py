@@ -57,3 +57,51 @@ class KVCache:
     @property
     def length(self) -> int:
         return self.layers[0].length
+
+
+class PaddedLayerKVCache(LayerKVCache):
+    """One layer's cache for a batch of left-padded sequences: pad keys are never attended to.
+
+    `update` returns a `(B, 1, S, T)` mask: causal, and blind to each row's leading pad positions.
+    A pad query still sees itself, so its attention row is never all masked (which would make
+    NaNs that travel on through the pad positions' values).
+    """
+
+    def __init__(self, max_len: int, valid_BT: torch.Tensor):
+        super().__init__(max_len)
+        self.valid_BT = valid_BT  # shared by all layers of one PaddedKVCache
+
+    def update(self, k_BSGD: torch.Tensor, v_BSGD: torch.Tensor):
+        start = self.length
+        k_BTGD, v_BTGD, _ = super().update(k_BSGD, v_BSGD)
+        end = self.length
+        query_pos_S1 = torch.arange(start, end, device=k_BSGD.device)[:, None]
+        key_pos_1T = torch.arange(end, device=k_BSGD.device)[None, :]
+        causal_ST = key_pos_1T <= query_pos_S1
+        visible_BST = causal_ST & (self.valid_BT[:, None, :end] | (key_pos_1T == query_pos_S1))
+        return k_BTGD, v_BTGD, visible_BST[:, None]
+
+    def keep_rows(self, rows_R: torch.Tensor) -> None:
+        """Drops every sequence of the batch but `rows_R` (finished generations)."""
+        if self.k_BTGD is not None:
+            self.k_BTGD, self.v_BTGD = self.k_BTGD[rows_R], self.v_BTGD[rows_R]
+
+
+class PaddedKVCache(KVCache):
+    """The caches of all layers for a batch of prompts left-padded to one length.
+
+    `pad_B[b]` leading positions of row b are padding. Rotary positions then start at `pad_B[b]`
+    instead of 0 for that row; attention scores depend only on position differences, so this
+    changes nothing but rounding.
+    """
+
+    def __init__(self, n_layers: int, max_len: int, pad_B: torch.Tensor):
+        self.valid_BT = torch.arange(max_len, device=pad_B.device)[None, :] >= pad_B[:, None]
+        self.layers = [PaddedLayerKVCache(max_len, self.valid_BT) for _ in range(n_layers)]
+
+    def keep_rows(self, rows_R: torch.Tensor) -> None:
+        """Keeps only the sequences `rows_R` (indices into the current batch), in that order."""
+        self.valid_BT = self.valid_BT[rows_R]
+        for layer in self.layers:
+            layer.keep_rows(rows_R)
+            layer.valid_BT = self.valid_BT

@@ -5,8 +5,10 @@ Every run directory gets a `status.json` (written by rank 0) that says how the r
     {"status": "running" | "completed" | "stopped" | "failed", "overrides": [...],
      "job_num": 3, "step": 300, "val_loss": 4.71, "error": "...", "started": ..., "finished": ...}
 
-`completed` means the run reached `trainer.stop_at` / `trainer.max_steps`; `stopped` means it ended
-early on SIGTERM (it resumes when restarted in the same directory); `failed` holds the error
+`completed` means the run reached `trainer.stop_at` / `trainer.max_steps` (exit code 0); `stopped`
+means it ended early on SIGTERM after checkpointing `step` (exit code `EXIT_STOPPED` = 143; it
+resumes when restarted in the same directory; `val_loss` is that of the last eval, at `val_step`);
+`failed` (exit code 2 for a moe_lm error, 1 for a crash) holds the error
 message; a `running` file whose process is gone is a run that was killed (out of memory, node
 lost). `moe_lm.report` reads these files, so a failed or killed sweep job is listed, never skipped.
 
@@ -18,11 +20,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 STATUS_FILE = "status.json"
+EXIT_STOPPED = 128 + signal.SIGTERM  # 143: stopped by SIGTERM, checkpointed, resumable
 STATUSES = ("running", "completed", "stopped", "failed")
 WANDB_GROUP_MAX = 128  # wandb rejects longer group names
 
@@ -76,15 +81,23 @@ def finish_job(run_dir: Path, result: dict[str, Any], end_step: int) -> str:
     """
     step = int(result.get("step", 0))
     status = "completed" if step >= end_step else "stopped"
-    write_status(run_dir, status, step=step, val_loss=result.get("val_loss"), finished=time.time())
+    write_status(run_dir, status, step=step, val_loss=result.get("val_loss"),
+                 val_step=result.get("val_step", step), finished=time.time())
     return status
 
 
 def fail_job(run_dir: Path, err: BaseException) -> None:
-    """Records a run that raised, with the error's type and message."""
+    """Records a run that raised, with the error's type and message (BaseExceptions included).
+
+    A status that cannot be written (the disk is full) is reported on stderr instead of hiding
+    the run's own error."""
     message = str(err).strip() or repr(err)
-    write_status(run_dir, "failed", error=f"{type(err).__name__}: {message}",
-                 finished=time.time())
+    try:
+        write_status(run_dir, "failed", error=f"{type(err).__name__}: {message}",
+                     finished=time.time())
+    except OSError as write_err:
+        print(f"moe_lm: could not record the failure in {Path(run_dir) / STATUS_FILE} "
+              f"({write_err.strerror})", file=sys.stderr, flush=True)
 
 
 def wandb_group(sweep_dir: str) -> str:

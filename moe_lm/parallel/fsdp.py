@@ -81,8 +81,10 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: TrainConfig,
 
 
 @torch.no_grad()
-def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float | None) -> torch.Tensor:
     """Clips gradients to a total 2-norm of `max_norm`; returns the norm before clipping.
+
+    `max_norm=None` (`optim.grad_clip=null`) only measures the norm.
 
     The norm is that of the whole unsharded model: sharded (DTensor) gradients are reduced over
     their mesh, and parameters living on different meshes (dense vs expert weights) are combined
@@ -101,6 +103,8 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torc
         norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
     device = norms[0].device
     total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+    if max_norm is None:
+        return total
     coef = max_norm / (float(total) + 1e-6)
     if coef < 1.0 and math.isfinite(coef):
         for grads in groups.values():

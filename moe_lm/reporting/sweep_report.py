@@ -46,6 +46,7 @@ class JobReport:
     dropped_frac: Optional[float] = None
     error: Optional[str] = None
     val_curve: list[tuple[int, float]] = field(default_factory=list)
+    task_metrics: dict[str, float] = field(default_factory=dict)  # "<task>/<metric>": last value
 
 
 def expected_jobs(sweep_dir: Path) -> Optional[list[list[str]]]:
@@ -108,6 +109,9 @@ def read_job(job_dir: Path) -> JobReport:
     job.val_curve = sorted(curve.items())
     if job.val_curve:
         job.val_loss = job.val_curve[-1][1]
+    for r in evals:  # trainer.eval_tasks: eval/<task>/<metric>, the last logged value of each
+        job.task_metrics.update({k[len("eval/"):]: float(v) for k, v in r.items()
+                                 if k.startswith("eval/")})
     if rows:
         job.step = max(int(r["step"]) for r in rows)
     rates = [float(r["tokens_per_s"]) for r in train if "tokens_per_s" in r]
@@ -173,13 +177,16 @@ def markdown(sweep_dir: Path, jobs: list[JobReport]) -> str:
              ""]
     if common:
         lines += ["Shared overrides: " + " ".join(f"`{o}`" for o in common), ""]
+    tasks = sorted({k for j in jobs for k in j.task_metrics})  # one column per task metric
     lines += ["| job | overrides | status | steps | final val loss | tokens/s | load imbalance "
-              "| dropped frac |", "|---:|---|---|---:|---:|---:|---:|---:|"]
+              "| dropped frac |" + "".join(f" {t} |" for t in tasks),
+              "|---:|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(tasks)]
     for job, label in zip(jobs, labels):
         lines.append(f"| {'?' if job.num is None else job.num} | `{label}` | "
                      f"{STATUS_TEXT.get(job.status, job.status)} | {_fmt(job.step, '{:d}')} | "
                      f"{_fmt(job.val_loss, '{:.4f}')} | {_fmt(job.tokens_per_s, '{:,.0f}')} | "
-                     f"{_fmt(job.load_imbalance, '{:.3f}')} | {_fmt(job.dropped_frac, '{:.4f}')} |")
+                     f"{_fmt(job.load_imbalance, '{:.3f}')} | {_fmt(job.dropped_frac, '{:.4f}')} |"
+                     + "".join(f" {_fmt(job.task_metrics.get(t), '{:.4f}')} |" for t in tasks))
     done = [(j, lab) for j, lab in zip(jobs, labels) if j.status == "completed"
             and j.val_loss is not None and math.isfinite(j.val_loss)]
     if done:
@@ -199,7 +206,9 @@ def markdown(sweep_dir: Path, jobs: list[JobReport]) -> str:
             lines.append(f"- job {j.num} (`{label}`): {why}")
     lines += ["", "Columns: final val loss = the last `val_loss` row; tokens/s = median over "
                   "logged training steps; load imbalance (max tokens per expert / mean, averaged "
-                  "over MoE layers) and dropped frac = the last logged training step.", ""]
+                  "over MoE layers) and dropped frac = the last logged training step"
+                  + ("; `<task>/<metric>` = the last value of lm-eval's metric "
+                     "(trainer.eval_tasks)." if tasks else "."), ""]
     return "\n".join(lines)
 
 

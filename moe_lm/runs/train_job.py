@@ -1,7 +1,8 @@
 """One training job, as Hydra runs it: from the composed config to a finished (or failed) run.
 
-`train_job(cfg)` is the body of `python -m moe_lm.train`: it records how the job ended in
-`<run>/status.json`, names sweep jobs for wandb, hands SLURM sweep jobs to torchrun, refuses what
+`train_job(cfg)` is the body of `python -m moe_lm.train`: it holds the run directory's lock (a
+second run there is refused), records how the job ended in `<run>/status.json` (BaseExceptions
+included), names sweep jobs for wandb, hands SLURM sweep jobs to torchrun, refuses what
 this hardware cannot hold before anything is allocated, writes the run directory's `.hydra/`
 (never over a resumed run's), and then runs `trainer.dry_run` (planning) or the training loop.
 """
@@ -9,7 +10,6 @@ this hardware cannot hold before anything is allocated, writes the run directory
 from __future__ import annotations
 
 import os
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,16 +19,19 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from moe_lm.config import TrainConfig, to_train_config
-from moe_lm.errors import MoeLMError
+from moe_lm.inference.task_eval import TrainingTaskEval
 from moe_lm.launch import job_status, slurm
 from moe_lm.planning.dry_run import run_dry_run
 from moe_lm.planning.guard import Hardware, check_launch
+from moe_lm.errors import MoeLMError, RunLockedError
 from moe_lm.runs import run_dir as run_dir_tools
 from moe_lm.training import distributed as dist_utils
+from moe_lm.training.checkpoint import as_user_error
 from moe_lm.training.loop import run_training
+from moe_lm.training.run_lock import hold_run_lock
 from moe_lm.training.warm_start import warm_start_config
 
-SWEEP_STOPPED_EXIT = 128 + signal.SIGTERM  # a SIGTERM'd sweep job ends the whole sweep
+SWEEP_STOPPED_EXIT = job_status.EXIT_STOPPED  # 143: a SIGTERM'd job (a sweep's ends the sweep)
 
 
 def write_run_config(run_dir: Path, cfg: DictConfig) -> None:
@@ -65,11 +68,19 @@ def torchrun_args(cfg: DictConfig) -> list[str]:
                    for k, v in (("group", w.group), ("name", w.name)) if v is not None]
 
 
-def run(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
-    """`trainer.dry_run=true`: one forward and backward on the meta device; else the training run."""
+def run(cfg: TrainConfig, run_dir: Path, dcfg: DictConfig | None = None) -> dict[str, Any]:
+    """`trainer.dry_run=true`: one forward and backward on the meta device; else the training run
+    (with the lm-eval tasks of `trainer.eval_tasks` at each evaluation).
+
+    With `dcfg` (the composed config) the run's `.hydra/` is written, once the resume is decided:
+    a refused resume records nothing."""
+    record = None if dcfg is None else (lambda: write_run_config(run_dir, dcfg))
     if cfg.trainer.dry_run:  # shapes only, on the meta device: nothing is allocated
+        if record is not None:
+            record()
         return run_dry_run(cfg, run_dir)
-    return run_training(cfg, run_dir)
+    task_eval = TrainingTaskEval(cfg, run_dir) if cfg.trainer.eval_tasks else None
+    return run_training(cfg, run_dir, task_eval, on_start=record)
 
 
 def in_sweep() -> bool:
@@ -83,6 +94,7 @@ class JobResult:
 
     result: dict[str, Any]
     sweep_stop_message: str | None = None  # set when SIGTERM stopped a sweep job early
+    stopped: bool = False  # SIGTERM: checkpointed and resumable (exit code EXIT_STOPPED)
 
     @property
     def val_loss(self) -> float | None:
@@ -103,28 +115,35 @@ def train_job(cfg: DictConfig) -> JobResult:
     fresh = (first and not sweep and run_dir_tools.is_default(list(hc.overrides.hydra))
              and run_dir_tools.is_fresh(run_dir))
     started = False  # until then a refused single run leaves no directory behind
-    if first:
-        job_status.start_job(run_dir, list(hc.overrides.task), hc.job.num if sweep else None)
     try:
-        train_cfg = warm_start_config(to_train_config(cfg))  # init.from_checkpoint: its model
-        if train_cfg.init.from_checkpoint:  # .hydra/ records the model the run really trains
-            cfg = OmegaConf.merge(cfg, {k: OmegaConf.to_container(OmegaConf.structured(
-                getattr(train_cfg, k))) for k in ("model", "expert", "data")})
         if sweep and slurm.needs_torchrun(os.environ, hc.launcher.get("_target_")):
+            if first:  # (the torchrun workers' rank 0 takes the run lock)
+                job_status.start_job(run_dir, list(hc.overrides.task), hc.job.num)
+            to_train_config(cfg)
             return JobResult({"val_loss": slurm.run_job_under_torchrun(
                 str(run_dir), torchrun_args(cfg), os.environ, hc.launcher.get("gpus_per_node"))})
-        if not train_cfg.trainer.dry_run:  # refuse what this hardware cannot hold, unallocated
-            check_launch(train_cfg, list(hc.overrides.task),
-                         Hardware.detect(train_cfg.trainer.device))
-        started = True
-        write_run_config(run_dir, cfg)
-        result = run(train_cfg, run_dir)
-    except Exception as err:
-        if fresh and not started and isinstance(err, MoeLMError):
+        with hold_run_lock(run_dir, enabled=first):  # refuses a second run in this directory
+            if first:
+                job_status.start_job(run_dir, list(hc.overrides.task), hc.job.num if sweep else None)
+            train_cfg = warm_start_config(to_train_config(cfg))  # init.from_checkpoint: its model
+            if train_cfg.init.from_checkpoint:  # .hydra/ records the model the run really trains
+                cfg = OmegaConf.merge(cfg, {k: OmegaConf.to_container(OmegaConf.structured(
+                    getattr(train_cfg, k))) for k in ("model", "expert", "data")})
+            if not train_cfg.trainer.dry_run:  # refuse what this hardware cannot hold, unallocated
+                check_launch(train_cfg, list(hc.overrides.task),
+                             Hardware.detect(train_cfg.trainer.device))
+            started = True
+            result = run(train_cfg, run_dir, cfg)
+    except BaseException as caught:  # torch's CheckpointException is a BaseException
+        err = as_user_error(caught)
+        if (fresh and not started and isinstance(err, MoeLMError)
+                and not isinstance(err, RunLockedError)):
             run_dir_tools.discard_fresh_run_dir(run_dir)
-        elif first:
-            job_status.fail_job(run_dir, err)
-        raise
+        elif first and not isinstance(err, (RunLockedError, SystemExit)):
+            job_status.fail_job(run_dir, err)  # (a refused second run leaves the holder's file)
+        if err is caught:
+            raise
+        raise err from caught
     t = train_cfg.trainer
     stopped = int(result.get("step", 0)) < (t.stop_at or t.max_steps)
     if first:
@@ -133,4 +152,4 @@ def train_job(cfg: DictConfig) -> JobResult:
     if sweep and stopped:
         message = (f"moe_lm: SIGTERM: the sweep stops at job {hc.job.num}; run the same command "
                    f"with hydra.sweep.dir={hc.sweep.dir} to resume its jobs.")
-    return JobResult(result, message)
+    return JobResult(result, message, stopped)

@@ -12,7 +12,7 @@ import signal
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -28,13 +28,9 @@ from moe_lm.training import distributed as dist_utils
 from moe_lm.training.compile import compile_blocks
 from moe_lm.training.final_weights import keep_final_weights_only, refuse_weights_only
 from moe_lm.training.cpu_memory import keep_freed_cpu_memory
-from moe_lm.training.checkpoint import (
-    check_identity,
-    list_checkpoints,
-    load_checkpoint,
-    model_identity,
-    save_checkpoint,
-)
+from moe_lm.training.checkpoint import (check_identity, list_checkpoints, load_checkpoint,
+                                       model_identity, save_checkpoint)
+from moe_lm.training.resume import fresh_hparams, pick_resume_checkpoint, reapply_hparams
 from moe_lm.training.metrics import MetricsLogger, RoutingAccumulator, score_bias_metrics
 from moe_lm.training.routing_monitor import RoutingMonitor, heatmap_path
 from moe_lm.training.optim import build_optimizer, build_scheduler
@@ -61,7 +57,11 @@ def resolve_device(name: str) -> torch.device:
 class Trainer:
     """Holds one run's model, optimizer, data and logger; `fit()` trains to the end."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path):
+    def __init__(self, cfg: TrainConfig, run_dir: Path,
+                 task_eval: Callable[..., dict[str, float]] | None = None):
+        # task_eval(model, tokenizer, step) -> {"eval/<task>/<metric>": value}: the lm-eval tasks
+        # of trainer.eval_tasks, built by the caller (inference sits above the training layer)
+        self.task_eval = task_eval
         self.run_dir = Path(run_dir)
         self.device = resolve_device(cfg.trainer.device)
         if self.device.type == "cpu":
@@ -117,22 +117,27 @@ class Trainer:
                   flush=True)
 
     def resume_if_possible(self) -> bool:
-        """Loads the newest complete checkpoint of the run directory, if any."""
-        for ckpt in list_checkpoints(self.run_dir):
-            refuse_weights_only(ckpt)  # a finished run's final weights (trainer.final_weights_only)
-            if ckpt.meta.get("weights_only"):
-                self.start_from(ckpt)
-                return False
-            check_identity(ckpt, self.identity)
-            state = load_checkpoint(ckpt, self.model, self.optimizer)
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.check_batch_layout(state, ckpt.path)
-            self.train_data.load_state_dict(state["data"])
-            self.step, self.tokens_seen = state["step"], state["tokens"]
-            if dist_utils.is_rank0():
-                print(f"resumed from {ckpt.path} at step {self.step}", flush=True)
-            return True
-        return False
+        """Loads the checkpoint `trainer.resume` picks (see `moe_lm.training.resume`), if any.
+
+        Refuses (CheckpointError, nothing written) checkpoints that all fail their checks and
+        changed config keys that would silently alter the run; applies the others."""
+        ckpt = pick_resume_checkpoint(self.run_dir, self.cfg, self.identity)
+        if ckpt is None:
+            return False
+        refuse_weights_only(ckpt)  # a finished run's final weights (trainer.final_weights_only)
+        if ckpt.meta.get("weights_only"):  # e.g. written by moe_lm.import_hf: weights only
+            self.start_from(ckpt)
+            return False
+        fresh = fresh_hparams(self.optimizer)  # this run's lr, weight decay, betas, eps
+        state = load_checkpoint(ckpt, self.model, self.optimizer)
+        self.scheduler.load_state_dict(state["scheduler"])
+        reapply_hparams(self.optimizer, self.scheduler, fresh)
+        self.check_batch_layout(state, ckpt.path)
+        self.train_data.load_state_dict(state["data"])
+        self.step, self.tokens_seen = state["step"], state["tokens"]
+        if dist_utils.is_rank0():
+            print(f"resumed from {ckpt.path} at step {self.step}", flush=True)
+        return True
 
     @property
     def windows_per_batch(self) -> int:
@@ -155,7 +160,7 @@ class Trainer:
                  "scheduler": self.scheduler.state_dict(), "data": self.train_data.state_dict(),
                  "windows_per_batch": self.windows_per_batch}
         save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, self.identity,
-                        self.cfg.trainer.keep_last)
+                        self.cfg.trainer.keep_last, config=asdict(self.cfg))
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer update over `grad_accum` micro-batches; returns its metrics row."""
@@ -243,7 +248,10 @@ class Trainer:
         mixture: `val/<name>/loss`, and `val_loss` their mean under the mixture's weights)."""
         self.model.eval()
         rows = self.data.eval_row({n: self._val_loss(self.val_batches(n)) for n in self.data.val})
-        return {"step": self.step, **rows, "val_ppl": math.exp(min(rows["val_loss"], 50.0))}
+        row = {"step": self.step, **rows, "val_ppl": math.exp(min(rows["val_loss"], 50.0))}
+        if self.task_eval is not None:  # every rank runs them (sharded weights), rank 0 logs
+            row.update(self.task_eval(self.model, self.tokenizer, self.step))
+        return row
 
     def _val_loss(self, batches: Iterator[torch.Tensor]) -> float:
         total, n = torch.zeros((), device=self.device), 0
@@ -322,7 +330,8 @@ class Trainer:
                     break
         if not last_eval:
             last_eval = self.evaluate()
-        return last_eval
+        # the step reached (after SIGTERM later than the last eval's) and that eval's own step
+        return {**last_eval, "val_step": last_eval["step"], "step": self.step}
 
 
 @contextlib.contextmanager
@@ -342,8 +351,14 @@ def _sigterm_flag(trainer: Trainer):
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
+def run_training(cfg: TrainConfig, run_dir: Path,
+                 task_eval: Callable[..., dict[str, float]] | None = None,
+                 on_start: Callable[[], None] | None = None) -> dict[str, Any]:
     """Builds everything, resumes if the run directory holds a checkpoint, trains, logs.
+
+    `task_eval` (see `Trainer`) adds the lm-eval task metrics to every evaluation row; `on_start`
+    runs once the resume is decided (what the entry point records as the config that ran: a
+    refused resume records nothing).
 
     Under torchrun it first checks the layout against the world size, then joins the process
     group (and leaves it at the end, also after an error).
@@ -355,8 +370,10 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     created = dist_utils.init_from_env(device_type, cfg.trainer.collective_timeout_s)
     try:
         started = time.time()
-        trainer = Trainer(cfg, run_dir)
+        trainer = Trainer(cfg, run_dir, task_eval)
         trainer.resume_if_possible()
+        if on_start is not None:
+            on_start()
         t = cfg.trainer
         total = t.stop_at or t.max_steps
         logger = MetricsLogger(run_dir, trainer.cfg, total)

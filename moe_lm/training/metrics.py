@@ -124,7 +124,10 @@ class MetricsLogger:
             return
         step = row["step"]
         if "val_loss" in row:
-            self.say(f"step {step:>6} | val_loss {row['val_loss']:.4f} | val_ppl {row['val_ppl']:.1f}")
+            tasks = "".join(f" | {k[len('eval/'):]} {v:.4f}" for k, v in row.items()
+                            if k.startswith("eval/"))  # trainer.eval_tasks metrics
+            self.say(f"step {step:>6} | val_loss {row['val_loss']:.4f} | val_ppl {row['val_ppl']:.1f}"
+                     f"{tasks}")
             return
         if self.start_step is None:
             self.start_step, self.start_time = step - 1, time.time() - row.get("step_time", 0.0)

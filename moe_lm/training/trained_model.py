@@ -10,13 +10,13 @@ This is the training layer's own reader: a distillation teacher is loaded with i
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from omegaconf import OmegaConf
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
@@ -24,7 +24,13 @@ from moe_lm.config import ModelConfig, TrainConfig, to_train_config
 from moe_lm.data.tokenizer import checkpoint_tokenizer_spec
 from moe_lm.errors import CheckpointError, ConfigError, MoeLMError
 from moe_lm.model import Transformer
-from moe_lm.training.checkpoint import Checkpoint, list_checkpoints
+from moe_lm.training.checkpoint import (
+    Checkpoint,
+    describe,
+    inspect_one,
+    list_checkpoints,
+    verify_content,
+)
 
 
 @dataclass
@@ -41,7 +47,9 @@ class TrainedModel:
 def resolve_checkpoint(path: str | Path) -> tuple[Checkpoint, Path | None]:
     """A checkpoint directory as given, or the newest complete checkpoint of a run directory.
 
-    Returns the checkpoint and its run directory (`<run>/checkpoints/step_N` -> `<run>`).
+    Returns the checkpoint and its run directory (`<run>/checkpoints/step_N` -> `<run>`). The
+    checkpoint's files must match the sizes and checksums recorded at save; a damaged one is an
+    error (never a silent fallback to another checkpoint).
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -49,25 +57,25 @@ def resolve_checkpoint(path: str | Path) -> tuple[Checkpoint, Path | None]:
                               "a training run) or one of its checkpoints/step_NNNNNNN directories.")
     if (path / "meta.json").is_file():
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
-        if run_dir is not None:
-            for ckpt in list_checkpoints(run_dir, warn=False):
-                if ckpt.path.resolve() == path.resolve():
-                    return ckpt, run_dir
-            raise CheckpointError(f"{path} is incomplete (its files do not match its meta.json: "
-                                  "truncated or missing). Use another checkpoint of the run.")
-        try:
-            meta = json.loads((path / "meta.json").read_text())
-            return Checkpoint(path, int(meta["step"]), meta), None
-        except (ValueError, KeyError) as err:
-            raise CheckpointError(f"{path}/meta.json is unreadable ({err}); the checkpoint is "
-                                  "incomplete. Use another checkpoint of the run.") from err
-    ckpts = list_checkpoints(path)
-    if not ckpts:
-        raise CheckpointError(
-            f"{path} holds no complete checkpoint (expected {path}/checkpoints/step_NNNNNNN/ with a "
-            "meta.json, or a checkpoint directory itself). Train with trainer.ckpt_every set, or "
-            "pass the checkpoint directory.")
-    return ckpts[0], path
+        item = inspect_one(path)
+        if item.checkpoint is None:
+            raise CheckpointError(f"{path} is damaged or incomplete: {item.problem}. Use another "
+                                  "checkpoint of the run.")
+        ckpt = item.checkpoint
+    else:
+        ckpts = list_checkpoints(path)
+        if not ckpts:
+            raise CheckpointError(
+                f"{path} holds no complete checkpoint (expected {path}/checkpoints/step_NNNNNNN/ "
+                "with a meta.json, or a checkpoint directory itself). Train with "
+                "trainer.ckpt_every set, or pass the checkpoint directory.")
+        ckpt, run_dir = ckpts[0], path
+    problem = verify_content(ckpt)
+    if problem is not None:
+        raise CheckpointError(f"{ckpt.path} is damaged: {problem}. Use an older checkpoint "
+                              "directory of the run (pass it instead of the run directory), or "
+                              "restore the files from a copy.")
+    return ckpt, run_dir
 
 
 def config_for_checkpoint(ckpt: Checkpoint, run_dir: Path | None) -> TrainConfig:
@@ -115,10 +123,10 @@ def load_model_weights(ckpt: Checkpoint, model: torch.nn.Module) -> None:
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(state, checkpoint_id=str(ckpt.path))
         set_model_state_dict(model, state["model"])
-    except Exception as err:  # DCP raises many types; report one clearly
+    except (Exception, CheckpointException) as err:  # DCP raises many types; report one clearly
         raise CheckpointError(
-            f"Could not load the model weights of {ckpt.path} ({type(err).__name__}: {err}). The "
-            "files may be truncated, or the model code no longer matches the checkpoint.") from err
+            f"Could not load the model weights of {ckpt.path} ({describe(err)}). The files may be "
+            "damaged, or the model code no longer matches the checkpoint.") from None
 
 
 def load_trained_model(path: str | Path, device: str = "auto",

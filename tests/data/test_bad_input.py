@@ -103,3 +103,25 @@ def test_split_smaller_than_one_batch(tmp_path):
 def test_loader_on_a_directory_that_was_not_prepared(tmp_path):
     with pytest.raises(DataError, match="prepare"):
         TokenLoader(tmp_path, "train", seq_len=8, batch_size=2, seed=0)
+
+
+def test_binary_file_named_txt_is_refused(tmp_path, data_cfg, tok):
+    root = tmp_path / "d"
+    root.mkdir()
+    (root / "good.txt").write_text("plain text " * 50)
+    (root / "model.txt").write_bytes(bytes(range(256)) * 40)  # a binary file, NUL bytes included
+    msg = prepare_error(data_cfg(root), tok)
+    assert "model.txt holds 40 NUL bytes" in msg and "binary" in msg
+
+
+def test_text_mostly_invalid_utf8_is_refused_and_a_few_bad_bytes_are_counted(tmp_path, data_cfg,
+                                                                             tok, caplog):
+    root = tmp_path / "d"
+    root.mkdir()
+    (root / "latin1.txt").write_bytes("déjà vu, façade, naïve ".encode("latin-1") * 40)
+    msg = prepare_error(data_cfg(root), tok)
+    assert "latin1.txt is not UTF-8 text: 160 of its" in msg and "iconv" in msg
+    (root / "latin1.txt").write_bytes(("plain text " * 200).encode() + b"\xff\xfe")
+    with caplog.at_level("WARNING"):
+        prepare(data_cfg(root), tok)
+    assert "latin1.txt: 2 invalid UTF-8 bytes replaced" in caplog.text
