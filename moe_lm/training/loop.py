@@ -35,7 +35,7 @@ from moe_lm.training.metrics import MetricsLogger, RoutingAccumulator, score_bia
 from moe_lm.training.routing_monitor import RoutingMonitor, heatmap_path
 from moe_lm.training.optim import build_optimizer, build_scheduler
 from moe_lm.training.step import forward_backward
-from moe_lm.training.summary import already_complete, end_summary, start_summary
+from moe_lm.training.summary import end_summary, start_summary
 from moe_lm.training.trained_model import load_model_weights, resolve_checkpoint
 from moe_lm.training.warm_start import warm_start_config
 
@@ -374,15 +374,11 @@ def run_training(cfg: TrainConfig, run_dir: Path,
         trainer.resume_if_possible()
         if on_start is not None:
             on_start()
-        t = cfg.trainer
-        total = t.stop_at or t.max_steps
+        t, total = cfg.trainer, cfg.trainer.stop_at or cfg.trainer.max_steps
         logger = MetricsLogger(run_dir, trainer.cfg, total)
         try:
             logger.say(start_summary(trainer.cfg, run_dir, trainer.device, trainer.precision,
                                      dist_utils.world_size(), trainer.step))
-            complete = already_complete(trainer.step, total, t.max_steps)
-            if complete:
-                logger.say(complete)
             result = trainer.fit(logger)
             if t.final_weights_only and trainer.step >= t.max_steps:
                 keep_final_weights_only(run_dir, trainer.model)

@@ -63,6 +63,7 @@ def start_summary(cfg: TrainConfig, run_dir: Path, device: torch.device, precisi
         f"data: {step_tokens:,} tokens/step ({d.batch_size} seqs x {d.seq_len} tokens x "
         f"{t.grad_accum} accum x {world_size} rank(s)) | steps {end} of schedule {t.max_steps}, "
         f"{start} | eval every {t.eval_every}, checkpoint every {t.ckpt_every}",
+        *filter(None, [already_complete(step, end, t.max_steps)]),
     ])
 
 
