@@ -1,4 +1,4 @@
-"""Dashboards as code: `python -m moe_lm.dashboard --entity E --project P [key=value ...]`.
+"""Dashboards as code: `python -m moe_lm.dashboard [--run-dir RUN] [--entity E] [--project P] [k=v ...]`.
 
 Builds the moe_lm wandb workspace (loss, routing balance, routing per layer, throughput) for the
 config the overrides compose, or for a run's own config with `--run-dir`, and validates it offline
@@ -21,8 +21,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         prog="python -m moe_lm.dashboard",
         description="Builds the moe_lm wandb workspace (loss, routing balance per layer, "
                     "throughput) as code; validates offline, saves with --save.")
-    parser.add_argument("--entity", required=True, help="wandb entity (user or team)")
-    parser.add_argument("--project", required=True, help="wandb project")
+    parser.add_argument("--entity", default=None,
+                        help="wandb entity (user or team); default logger.wandb.entity; needed "
+                             "only by --save")
+    parser.add_argument("--project", default=None,
+                        help="wandb project; default the config's logger.wandb.project")
     parser.add_argument("--name", default="moe_lm routing", help="workspace name")
     parser.add_argument("--run-dir", type=Path, default=None,
                         help="take the config from this run and check the panels against its "
@@ -38,7 +41,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         workspace, summary = make_dashboard(args.overrides, args.run_dir, args.entity,
-                                            args.project, args.name, args.out)
+                                            args.project, args.name, args.out, args.save)
         print(summary, flush=True)
         if args.save:
             print(f"saved: {save_workspace(workspace)}", flush=True)

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     result = evaluate_loaded(loaded, args.data, args.batches, args.seq_len, args.batch_size,
                              args.precision, args.max_tokens)
-    row = result_row(loaded, result, args.data, args.quantize)
+    row = result_row(loaded, result, args.data, args.quantize, args.precision)
     print(json.dumps(row) if args.json else format_result(row))
     return 0
 

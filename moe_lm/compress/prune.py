@@ -24,6 +24,7 @@ from moe_lm.config import TrainConfig
 from moe_lm.errors import ConfigError
 from moe_lm.inference.evaluate import evaluate_batches, val_split_batches
 from moe_lm.inference.loading import LoadedModel
+from moe_lm.inference.progress import progress
 from moe_lm.inference.text import token_byte_lengths
 from moe_lm.model import MoE, Transformer
 from moe_lm.training.checkpoint import save_checkpoint
@@ -33,12 +34,12 @@ from moe_lm.training.optim import build_optimizer
 
 @torch.no_grad()
 def expert_usage(model: Transformer, batches: Iterable[torch.Tensor],
-                 precision: str = "fp32") -> list[torch.Tensor]:
+                 precision: str = "fp32", total: int | None = None) -> list[torch.Tensor]:
     """Tokens routed to each expert, per MoE layer: a list of (E,) counts (eval mode, dropless)."""
     model.eval()
     device = next(model.parameters()).device
     usage: list[torch.Tensor] = []
-    for batch in batches:
+    for batch in progress(batches, "expert usage", total):
         batch = batch.to(device)
         with Precision.resolve(precision, device.type).autocast(device.type):
             out = model(batch[:, :-1], batch[:, 1:], return_logits=False)
@@ -116,10 +117,13 @@ def prune_run(loaded: LoadedModel, keep: int, out_dir: Path,
     """Measures usage, prunes, saves to `out_dir`; returns what `python -m moe_lm.prune` reports."""
     E = loaded.cfg.expert.num_experts
     lengths = token_byte_lengths(loaded.tokenizer, loaded.cfg.model.vocab_size)
-    usage = expert_usage(loaded.model, val_split_batches(loaded, batches))
-    before = evaluate_batches(loaded.model, val_split_batches(loaded, batches), lengths)
+    n = batches or loaded.cfg.trainer.eval_batches
+    usage = expert_usage(loaded.model, val_split_batches(loaded, batches), total=n)
+    before = evaluate_batches(loaded.model, val_split_batches(loaded, batches), lengths,
+                              desc="before pruning", total=n)
     model, cfg, kept = prune_model(loaded.model, loaded.cfg, usage, keep)
-    after = evaluate_batches(model, val_split_batches(loaded, batches), lengths)
+    after = evaluate_batches(model, val_split_batches(loaded, batches), lengths,
+                             desc="after pruning", total=n)
     ckpt = save_pruned(loaded, model, cfg, out_dir)
     kept_share = [float(u[k].sum() / u.sum().clamp_min(1)) for u, k in zip(usage, kept)]
     return {"out": str(ckpt), "experts": E, "keep": keep, "top_k": cfg.expert.top_k,
@@ -138,7 +142,8 @@ def format_row(row: dict[str, Any]) -> str:
         lines.append(f"  MoE layer {i}: kept experts {k} ({share:.1%} of routed tokens)")
     b, a = row["loss_before"], row["loss_after"]
     lines += [f"parameters   {row['params_before']:,} -> {row['params_after']:,}",
-              f"val loss     {b:.4f} -> {a:.4f} ({a - b:+.4f})",
+              f"val loss     {b:.4f} -> {a:.4f} ({a - b:+.4f}), computed in fp32 (eval uses "
+              "the run's trainer.precision; --precision fp32 there matches)",
               f"perplexity   {row['ppl_before']:.3f} -> {row['ppl_after']:.3f} "
               f"({row['ppl_after'] / row['ppl_before'] - 1:+.2%})"]
     return "\n".join(lines)

@@ -104,10 +104,10 @@ class QuantReport:
 def quantization_report(loaded: LoadedModel, batches: int | None = None) -> QuantReport:
     """Evaluates `loaded` in full precision, quantizes its experts in place, evaluates again."""
     before_mem = model_bytes(loaded.model)
-    before = evaluate_loaded(loaded, batches=batches, precision="fp32")
+    before = evaluate_loaded(loaded, batches=batches, precision="fp32", desc="before int8")
     quantize_experts_int8(loaded.model)
     after_mem = model_bytes(loaded.model)
-    after = evaluate_loaded(loaded, batches=batches, precision="fp32")
+    after = evaluate_loaded(loaded, batches=batches, precision="fp32", desc="int8 experts")
     return QuantReport(before_mem["total"], after_mem["total"], before_mem["experts"],
                        after_mem["experts"], before.loss, after.loss, before.ppl, after.ppl,
                        before.bits_per_byte, after.bits_per_byte)
@@ -122,7 +122,8 @@ def format_report(report: QuantReport) -> str:
         f"whole model  {report.bytes_before / mb:.2f} MB -> {report.bytes_after / mb:.2f} MB "
         f"({1 - report.bytes_after / report.bytes_before:.1%} saved)",
         f"val loss     {report.loss_before:.4f} -> {report.loss_after:.4f} "
-        f"({report.loss_after - report.loss_before:+.4f})",
+        f"({report.loss_after - report.loss_before:+.4f}), computed in fp32 (eval uses the "
+        "run's trainer.precision; --precision fp32 there matches)",
         f"perplexity   {report.ppl_before:.3f} -> {report.ppl_after:.3f} "
         f"({report.ppl_after / report.ppl_before - 1:+.3%})",
         f"bits/byte    {report.bpb_before:.4f} -> {report.bpb_after:.4f}",

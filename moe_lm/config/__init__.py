@@ -34,6 +34,14 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     if not OmegaConf.has_resolver("run_start"):  # the default run dir: one per torchrun job
         OmegaConf.register_new_resolver("run_start", _run_start, use_cache=True)
+    if not OmegaConf.has_resolver("run_kind"):  # plans and dry runs: outputs/plans/...
+        OmegaConf.register_new_resolver("run_kind", run_kind)
+
+
+def run_kind(job_name: str, dry_run: Any) -> str:
+    """`${run_kind:${hydra.job.name},${trainer.dry_run}}`: `plans/` for plans and dry runs, ''
+    for training runs, so that they do not mix with real runs in `outputs/`."""
+    return "plans/" if job_name == "plan" or str(dry_run).lower() == "true" else ""
 
 
 def _run_start(pattern: str) -> str:

@@ -154,6 +154,7 @@ class TrainerConfig:
     eval_batches: int = 8
     ckpt_every: int = 100
     keep_last: int = 2
+    final_weights_only: bool = False  # a finished run keeps only its final weights (no AdamW)
     seed: int = 1234
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "bf16"  # bf16 | fp32

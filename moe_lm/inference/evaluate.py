@@ -20,6 +20,7 @@ from moe_lm.data import TokenLoader, prepare
 from moe_lm.data.corpus import user_source
 from moe_lm.errors import CheckpointError, ConfigError, DataError
 from moe_lm.inference.loading import LoadedModel
+from moe_lm.inference.progress import progress
 from moe_lm.inference.text import token_byte_lengths
 from moe_lm.model import Transformer
 from moe_lm.parallel.precision import Precision
@@ -39,13 +40,15 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate_batches(model: Transformer, batches: Iterable[torch.Tensor], byte_lengths: np.ndarray,
-                     precision: str = "fp32") -> EvalResult:
-    """Token-weighted mean loss over `(B, S+1)` batches (inputs `[:, :-1]`, targets `[:, 1:]`)."""
+                     precision: str = "fp32", desc: str = "eval",
+                     total: int | None = None) -> EvalResult:
+    """Token-weighted mean loss over `(B, S+1)` batches (inputs `[:, :-1]`, targets `[:, 1:]`),
+    with a progress bar named `desc` (`total` batches, if known)."""
     model.eval()
     device = next(model.parameters()).device
     lengths = torch.from_numpy(byte_lengths)
     total_nats, n_tokens, n_bytes, n_batches = 0.0, 0, 0, 0
-    for batch in batches:
+    for batch in progress(batches, f"{desc} ({precision})", total):
         batch = batch.to(device)
         targets = batch[:, 1:]
         with Precision.resolve(precision, device.type).autocast(device.type):
@@ -74,11 +77,11 @@ def val_split_batches(loaded: LoadedModel, num_batches: int | None = None) -> It
 
 
 def file_batches(loaded: LoadedModel, path: str, seq_len: int, batch_size: int,
-                 max_tokens: int | None = None) -> Iterator[torch.Tensor]:
+                 max_tokens: int | None = None) -> list[torch.Tensor]:
     """Every token of the named files in `(B, seq_len + 1)` windows (the last batch may be short)."""
     tok = loaded.tokenizer
     stream: list[int] = []
-    for doc in user_source(path).documents():
+    for doc in progress(user_source(path).documents(), f"tokenize {path}", unit="doc"):
         stream.extend(tok.encode(doc))
         stream.append(tok.eot_id)
         if max_tokens and len(stream) > max_tokens:
@@ -89,13 +92,14 @@ def file_batches(loaded: LoadedModel, path: str, seq_len: int, batch_size: int,
         raise DataError(f"{path} holds {len(ids)} tokens, fewer than one window of --seq-len "
                         f"{seq_len} + 1. Use more text or a smaller --seq-len.")
     windows = np.stack([ids[w * seq_len:w * seq_len + seq_len + 1] for w in range(n_windows)])
-    for start in range(0, n_windows, batch_size):
-        yield torch.from_numpy(windows[start:start + batch_size])
+    return [torch.from_numpy(windows[start:start + batch_size])  # a list: the bar knows its length
+            for start in range(0, n_windows, batch_size)]
 
 
 def evaluate_loaded(loaded: LoadedModel, data: str | None = None, batches: int | None = None,
                     seq_len: int | None = None, batch_size: int | None = None,
-                    precision: str | None = None, max_tokens: int | None = None) -> EvalResult:
+                    precision: str | None = None, max_tokens: int | None = None,
+                    desc: str = "eval") -> EvalResult:
     """Evaluates a loaded model on its run's validation split, or on `data` files."""
     cfg = loaded.cfg
     lengths = token_byte_lengths(loaded.tokenizer, cfg.model.vocab_size)
@@ -103,24 +107,30 @@ def evaluate_loaded(loaded: LoadedModel, data: str | None = None, batches: int |
         if seq_len or batch_size:
             raise ConfigError("--seq-len and --batch-size apply to --data files; the validation "
                               "split is read with the run's data.seq_len and data.batch_size.")
-        source = val_split_batches(loaded, batches)
+        source, total = val_split_batches(loaded, batches), batches or cfg.trainer.eval_batches
     else:
         source = file_batches(loaded, data, seq_len or cfg.data.seq_len,
                               batch_size or cfg.data.batch_size, max_tokens)
-    return evaluate_batches(loaded.model, source, lengths, precision or cfg.trainer.precision)
+        total = len(source)
+    return evaluate_batches(loaded.model, source, lengths, precision or cfg.trainer.precision,
+                            desc, total)
 
 
 def result_row(loaded: LoadedModel, result: EvalResult, data: str | None,
-               quantize: str) -> dict[str, Any]:
+               quantize: str, precision: str | None = None) -> dict[str, Any]:
     """What `python -m moe_lm.eval` reports: the checkpoint, the data, then the result's fields."""
     return {"checkpoint": str(loaded.ckpt.path), "step": loaded.ckpt.step,
-            "data": data or "val split", "quantize": quantize, **asdict(result)}
+            "data": data or "val split", "quantize": quantize,
+            "precision": precision or loaded.cfg.trainer.precision,
+            **asdict(result)}
 
 
 def format_result(row: dict[str, Any]) -> str:
     """The human-readable table of a `result_row`."""
     return "\n".join([
         f"checkpoint   {row['checkpoint']} (step {row['step']})",
+        f"model        experts {'int8 (per-channel scales)' if row['quantize'] == 'int8' else 'unquantized'}"
+        f", computed in {row['precision']}",
         f"data         {row['data']}: {row['tokens']} tokens, {row['bytes']} bytes, "
         f"{row['batches']} batches",
         f"loss         {row['loss']:.4f} nats/token",

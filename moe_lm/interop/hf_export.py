@@ -16,6 +16,7 @@ from moe_lm.data.tokenizer import HFTokenizer
 from moe_lm.inference import load_model
 from moe_lm.interop.hf_build import build_hf_model, export_problems
 from moe_lm.interop.import_hf import TOKENIZER_FILES
+from moe_lm.interop.tokenizer_note import NOTE_NAME, tokenizer_note
 
 
 def export(path: str | Path, out_dir: str | Path) -> Path:
@@ -31,10 +32,8 @@ def export(path: str | Path, out_dir: str | Path) -> Path:
             if (tok.files_dir / name).is_file() and name != "generation_config.json":
                 shutil.copy2(tok.files_dir / name, out_dir / name)
         return out_dir
-    note = {"tokenizer": "tiktoken", "encoding": tok.name, "eot_id": tok.eot_id,
-            "usage": f"tiktoken.get_encoding({tok.name!r}).encode_ordinary(text)",
-            "source_checkpoint": str(loaded.ckpt.path)}
-    (out_dir / "moe_lm_tokenizer.json").write_text(json.dumps(note, indent=1))
+    note = tokenizer_note(tok, loaded.ckpt.path)  # a recipe that works offline for cl100k_base
+    (out_dir / NOTE_NAME).write_text(json.dumps(note, indent=1))
     return out_dir
 
 
@@ -47,4 +46,14 @@ def export_summary(out_dir: Path) -> str:
     experts = cfg.get("num_local_experts", cfg.get("num_experts"))
     return (f"wrote {out_dir} ({cfg['architectures'][0]}: {cfg['num_hidden_layers']} layers, "
             f"{experts} experts, top-{cfg['num_experts_per_tok']}); load it with "
-            f"transformers.AutoModelForCausalLM.from_pretrained({str(out_dir)!r}).")
+            f"transformers.AutoModelForCausalLM.from_pretrained({str(out_dir)!r})."
+            + _tokenize_hint(out_dir))
+
+
+def _tokenize_hint(out_dir: Path) -> str:
+    """For a tiktoken model: how to tokenize (from moe_lm_tokenizer.json); else nothing."""
+    path = Path(out_dir) / NOTE_NAME
+    if not path.is_file():
+        return ""
+    note = json.loads(path.read_text())
+    return f"\ntokenize with: {note['usage']}  ({note['requires']})"

@@ -63,12 +63,14 @@ def run_dry_run(cfg: TrainConfig, run_dir) -> dict[str, Any]:
     """The `trainer.dry_run=true` run (`moe_lm.runs.train_job.run`): resolves the vocabulary,
     runs `dry_run`, prints and writes `<run dir>/dry_run.json`."""
     result = dry_run(with_tokenizer_vocab(cfg))
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    path = Path(run_dir) / "dry_run.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"dry run ok: forward + backward of {result['params']:,} parameters "
           f"({result['moe_layers']} MoE layers) on the meta device, micro-batch "
           f"{result['micro_batch'][0]} x {result['micro_batch'][1]} tokens, activation "
-          f"checkpointing {result['activation_checkpointing']}, {result['seconds']} s", flush=True)
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(run_dir) / "dry_run.json").write_text(json.dumps(result, indent=2) + "\n")
+          f"checkpointing {result['activation_checkpointing']}, {result['seconds']} s\n"
+          f"dry_run.json: {path.resolve()}", flush=True)
     return {**result, "step": 0}
 
 

@@ -167,17 +167,31 @@ def save_workspace(workspace) -> str:
             "neither.") from err
 
 
-def make_dashboard(overrides: Sequence[str], run_dir: Optional[Path], entity: str, project: str,
-                   name: str, out: Optional[Path] = None):
+def wandb_target(cfg: TrainConfig, entity: Optional[str], project: Optional[str],
+                 save: bool) -> tuple[str, str]:
+    """(entity, project): the given ones, else the config's `logger.wandb`; offline validation
+    needs neither, only saving needs an entity."""
+    entity = entity or cfg.logger.wandb.entity
+    if entity is None and save:
+        raise ConfigError("--save needs the wandb entity to write the workspace to: pass "
+                          "--entity E (or train with logger.wandb.entity=E).")
+    return entity or "", project or cfg.logger.wandb.project
+
+
+def make_dashboard(overrides: Sequence[str], run_dir: Optional[Path], entity: Optional[str],
+                   project: Optional[str], name: str, out: Optional[Path] = None,
+                   save: bool = False):
     """Builds and validates the workspace (writing its view spec to `out` if given); returns the
-    workspace and a one-line summary of it."""
+    workspace and a one-line summary of it. Entity and project default to the config's."""
     cfg = load_config(overrides, run_dir)
+    entity, project = wandb_target(cfg, entity, project, save)
     workspace = build_workspace(cfg, entity, project, name)
     spec = validate_workspace(workspace, run_dir)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(spec, indent=1))
     n_panels = sum(len(s.panels) for s in workspace.sections)
-    summary = (f"workspace {name!r} for {entity}/{project}: {len(workspace.sections)} sections, "
+    summary = (f"workspace {name!r} for {entity or '(no entity)'}/{project}: "
+               f"{len(workspace.sections)} sections, "
                f"{n_panels} panels, {moe_layer_count(cfg)} MoE layers; valid.")
     return workspace, summary

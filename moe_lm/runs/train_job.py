@@ -23,7 +23,8 @@ from moe_lm.inference.task_eval import TrainingTaskEval
 from moe_lm.launch import job_status, slurm
 from moe_lm.planning.dry_run import run_dry_run
 from moe_lm.planning.guard import Hardware, check_launch
-from moe_lm.errors import RunLockedError
+from moe_lm.errors import MoeLMError, RunLockedError
+from moe_lm.runs import run_dir as run_dir_tools
 from moe_lm.training import distributed as dist_utils
 from moe_lm.training.checkpoint import as_user_error
 from moe_lm.training.loop import run_training
@@ -111,6 +112,9 @@ def train_job(cfg: DictConfig) -> JobResult:
     first = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
     if sweep:
         name_sweep_job(cfg)
+    fresh = (first and not sweep and run_dir_tools.is_default(list(hc.overrides.hydra))
+             and run_dir_tools.is_fresh(run_dir))
+    started = False  # until then a refused single run leaves no directory behind
     try:
         if sweep and slurm.needs_torchrun(os.environ, hc.launcher.get("_target_")):
             if first:  # (the torchrun workers' rank 0 takes the run lock)
@@ -128,10 +132,14 @@ def train_job(cfg: DictConfig) -> JobResult:
             if not train_cfg.trainer.dry_run:  # refuse what this hardware cannot hold, unallocated
                 check_launch(train_cfg, list(hc.overrides.task),
                              Hardware.detect(train_cfg.trainer.device))
+            started = True
             result = run(train_cfg, run_dir, cfg)
     except BaseException as caught:  # torch's CheckpointException is a BaseException
         err = as_user_error(caught)
-        if first and not isinstance(err, (RunLockedError, SystemExit)):
+        if (fresh and not started and isinstance(err, MoeLMError)
+                and not isinstance(err, RunLockedError)):
+            run_dir_tools.discard_fresh_run_dir(run_dir)
+        elif first and not isinstance(err, (RunLockedError, SystemExit)):
             job_status.fail_job(run_dir, err)  # (a refused second run leaves the holder's file)
         if err is caught:
             raise

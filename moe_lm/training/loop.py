@@ -6,9 +6,7 @@ complete checkpoint, it continues from the newest one with identical results.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import signal
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -28,14 +26,17 @@ from moe_lm.parallel.tensor_parallel import check_tensor_parallel
 from moe_lm.parallel.precision import Precision
 from moe_lm.training import distributed as dist_utils
 from moe_lm.training.compile import compile_blocks
+from moe_lm.training.final_weights import keep_final_weights_only, refuse_weights_only
 from moe_lm.training.cpu_memory import keep_freed_cpu_memory
 from moe_lm.training.checkpoint import (check_identity, list_checkpoints, load_checkpoint,
                                        model_identity, save_checkpoint)
 from moe_lm.training.resume import fresh_hparams, pick_resume_checkpoint, reapply_hparams
 from moe_lm.training.metrics import MetricsLogger, RoutingAccumulator, score_bias_metrics
 from moe_lm.training.routing_monitor import RoutingMonitor, heatmap_path
+from moe_lm.training.sigterm import sigterm_sets
 from moe_lm.training.optim import build_optimizer, build_scheduler
 from moe_lm.training.step import forward_backward
+from moe_lm.training.summary import end_summary, start_summary
 from moe_lm.training.trained_model import load_model_weights, resolve_checkpoint
 from moe_lm.training.warm_start import warm_start_config
 
@@ -127,6 +128,7 @@ class Trainer:
         ckpt = pick_resume_checkpoint(self.run_dir, self.cfg, self.identity)
         if ckpt is None:
             return False
+        refuse_weights_only(ckpt)  # a finished run's final weights (trainer.final_weights_only)
         if ckpt.meta.get("weights_only"):  # e.g. written by moe_lm.import_hf: weights only
             self.start_from(ckpt)
             return False
@@ -305,7 +307,7 @@ class Trainer:
             last_eval = self.evaluate()
             logger.log(last_eval), logger.console(last_eval)
         self._last_logged = (self.step, time.time())
-        with _sigterm_flag(self):
+        with sigterm_sets(self):
             while self.step < end:
                 row = self.train_step()
                 if self.step % t.log_every == 0 or self.step == end:
@@ -337,23 +339,6 @@ class Trainer:
         return {**last_eval, "val_step": last_eval["step"], "step": self.step}
 
 
-@contextlib.contextmanager
-def _sigterm_flag(trainer: Trainer):
-    """SIGTERM asks the loop to checkpoint after the current step and exit cleanly."""
-    def handler(signum, frame):
-        trainer.stop_requested = True
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (e.g. some launchers): leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def run_training(cfg: TrainConfig, run_dir: Path,
                  task_eval: Callable[..., dict[str, float]] | None = None,
                  on_start: Callable[[], None] | None = None) -> dict[str, Any]:
@@ -373,14 +358,22 @@ def run_training(cfg: TrainConfig, run_dir: Path,
                     if not dist_utils.is_initialized() else dist_utils.world_size(), device_type)
     created = dist_utils.init_from_env(device_type, cfg.trainer.collective_timeout_s)
     try:
+        started = time.time()
         trainer = Trainer(cfg, run_dir, task_eval)
         trainer.resume_if_possible()
         if on_start is not None:
             on_start()
-        total = cfg.trainer.stop_at or cfg.trainer.max_steps
+        t, total = cfg.trainer, cfg.trainer.stop_at or cfg.trainer.max_steps
         logger = MetricsLogger(run_dir, trainer.cfg, total)
         try:
-            return trainer.fit(logger)
+            logger.say(start_summary(trainer.cfg, run_dir, trainer.device, trainer.precision,
+                                     dist_utils.world_size(), trainer.step))
+            result = trainer.fit(logger)
+            if t.final_weights_only and trainer.step >= t.max_steps:
+                keep_final_weights_only(run_dir, trainer.model)
+            logger.say(end_summary(run_dir, trainer.step, trainer.cfg, time.time() - started,
+                                   result))
+            return result
         finally:
             logger.close()
     except Exception as err:

@@ -95,6 +95,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.file = open(Path(run_dir) / "metrics.jsonl", "a")
+        self.text_log = open(Path(run_dir) / "train.log", "a")  # beside Hydra's own lines
         if cfg.logger.wandb.mode != "disabled":
             self.wandb_run = _init_wandb(run_dir, cfg)
 
@@ -108,15 +109,25 @@ class MetricsLogger:
             self.wandb_run.log({k: _wandb_value(v) for k, v in row.items() if k != "step"},
                                step=row["step"])
 
+    def say(self, text: str) -> None:
+        """Prints `text` (rank 0) and appends it, time-stamped, to `<run>/train.log`."""
+        if not self.enabled:
+            return
+        print(text, flush=True)
+        stamp = time.strftime("[%Y-%m-%d %H:%M:%S]")
+        self.text_log.write("".join(f"{stamp} {line}\n" for line in text.splitlines()))
+        self.text_log.flush()
+
     def console(self, row: dict[str, Any]) -> None:
+        """The console (and train.log) line of a training or evaluation row."""
         if not self.enabled:
             return
         step = row["step"]
         if "val_loss" in row:
             tasks = "".join(f" | {k[len('eval/'):]} {v:.4f}" for k, v in row.items()
                             if k.startswith("eval/"))  # trainer.eval_tasks metrics
-            print(f"step {step:>6} | val_loss {row['val_loss']:.4f} | val_ppl {row['val_ppl']:.1f}"
-                  f"{tasks}", flush=True)
+            self.say(f"step {step:>6} | val_loss {row['val_loss']:.4f} | val_ppl {row['val_ppl']:.1f}"
+                     f"{tasks}")
             return
         if self.start_step is None:
             self.start_step, self.start_time = step - 1, time.time() - row.get("step_time", 0.0)
@@ -124,9 +135,9 @@ class MetricsLogger:
         eta = per_step * (self.total_steps - step)
         aux = f" | aux {row['aux_loss']:.3f}" if "aux_loss" in row else ""
         moe = f" | imb {row['moe/load_imbalance']:.2f}" if "moe/load_imbalance" in row else ""
-        print(f"step {step:>6}/{self.total_steps} | loss {row['loss']:.4f} | lm {row['lm_loss']:.4f}"
-              f"{aux}{moe} | lr {row['lr']:.2e} | "
-              f"{row['tokens_per_s']:,.0f} tok/s | ETA {_fmt_time(eta)}", flush=True)
+        self.say(f"step {step:>6}/{self.total_steps} | loss {row['loss']:.4f} | lm {row['lm_loss']:.4f}"
+                 f"{aux}{moe} | gnorm {row['grad_norm']:.2f} | lr {row['lr']:.2e} | "
+                 f"{row['tokens_per_s']:,.0f} tok/s | ETA {_fmt_time(eta)}")
 
     def log_image(self, key: str, path: Path, step: int) -> None:
         """Sends a PNG written to the run directory to wandb as an image at `step`."""
@@ -140,7 +151,7 @@ class MetricsLogger:
         """A warning that needs a human: console and a wandb alert."""
         if not self.enabled:
             return
-        print(f"WARNING: {title}: {text}", flush=True)
+        self.say(f"WARNING: {title}: {text}")
         if self.wandb_run is not None:
             try:
                 self.wandb_run.alert(title=title, text=text)
@@ -151,6 +162,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.file.close()
+        self.text_log.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
 

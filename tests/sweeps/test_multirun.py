@@ -21,6 +21,9 @@ def test_two_job_multirun_report_lists_both_jobs_with_their_numbers(tmp_path, ti
     sweep = tmp_path / "sweep"
     out = multirun_cli(sweep, [*tiny_overrides, "trainer.max_steps=4", "optim.lr=1e-3,3e-3"])
     assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()  # the sweep says where it writes, first and last
+    assert lines[0].startswith(f"sweep dir: {sweep.resolve()}  ")
+    assert lines[-1].endswith(f"python -m moe_lm.report {sweep.resolve()})")
     for num, lr in ((0, "0.001"), (1, "0.003")):
         job = sweep / str(num)
         assert (job / "metrics.jsonl").is_file() and (job / "checkpoints").is_dir()

@@ -123,6 +123,15 @@ def test_dashboard_validates_offline_against_the_runs_own_metrics(offline_run, t
             "tokens_per_s", "val_loss"} <= plotted
 
 
+def test_dashboard_run_dir_validates_without_entity_or_project(offline_run, tmp_path, capsys):
+    out = tmp_path / "view.json"
+    assert dashboard.main(["--run-dir", str(offline_run), "--out", str(out)]) == 0
+    assert "for (no entity)/moe_lm: 4 sections" in capsys.readouterr().out  # the run's project
+    assert json.loads(out.read_text())["project"] == "moe_lm"
+    assert dashboard.main(["--run-dir", str(offline_run), "--save"]) == 2  # saving needs one
+    assert "--save needs the wandb entity" in capsys.readouterr().err
+
+
 def test_dashboard_for_another_model_names_the_metrics_the_run_lacks(offline_run):
     cfg = board.load_config(["model.n_layers=5"], None)  # 4 MoE layers; the run had 2
     workspace = board.build_workspace(cfg, "e", "p", "n")
