@@ -67,10 +67,7 @@ def decode_steps(model: Transformer, prompts: list[list[int]], max_new_tokens: i
     synchronisation per token is reading the sampled ids.
     """
     device = next(model.parameters()).device
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
+    generator = _seeded_generator(device, seed)
     model.eval()
     tokens_BP, pad_B = left_pad(prompts, stop_id or 0, device)
     cache = KVCache(len(model.layers), tokens_BP.shape[1] + max_new_tokens, pad_B)
@@ -116,10 +113,7 @@ def generate_tokens(model: Transformer, prompt_ids: list[int], max_new_tokens: i
             yield step[0]
         return
     device = next(model.parameters()).device
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
+    generator = _seeded_generator(device, seed)
     model.eval()
     tokens_1S = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     for _ in range(max_new_tokens):
@@ -168,3 +162,12 @@ def stream_continuation(loaded: LoadedModel, prompt: str, out: TextIO, max_new_t
         out.write(stream.feed(token))
         out.flush()
     out.write(stream.flush() + "\n")
+
+
+def _seeded_generator(device: torch.device, seed: int | None) -> torch.Generator | None:
+    """The sampling generator of `seed` on `device` (None: torch's global one)."""
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
