@@ -13,8 +13,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from moe_lm.training.run_lock import LOCK_FILE
+
 HYDRA_FILES = ("train.log", "plan.log")  # Hydra's job log, created before the job runs
-OWN_FILES = (*HYDRA_FILES, "status.json")
+OWN_FILES = (*HYDRA_FILES, "status.json", LOCK_FILE)  # what a refused run itself wrote
 PLANS = "plans"  # config.run_kind's folder
 
 

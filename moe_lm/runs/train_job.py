@@ -145,7 +145,7 @@ def train_job(cfg: DictConfig) -> JobResult:
             raise
         raise err from caught
     t = train_cfg.trainer
-    stopped = int(result.get("step", 0)) < (t.stop_at or t.max_steps)
+    stopped = not t.dry_run and int(result.get("step", 0)) < (t.stop_at or t.max_steps)
     if first:
         job_status.finish_job(run_dir, result, t.stop_at or t.max_steps)
     message = None
