@@ -18,6 +18,7 @@ from moe_lm.errors import ConfigError
 from moe_lm.inference.evaluate import evaluate_batches
 from moe_lm.inference import load_model
 from moe_lm.inference.text import token_byte_lengths
+from moe_lm.reporting import dashboard as board
 from moe_lm.reporting.sweep_report import write_report
 
 from ..conftest import TINY_OVERRIDES, read_metrics, train_losses
@@ -85,6 +86,9 @@ def test_per_source_val_rows_equal_eval_on_each_source(tmp_path, monkeypatch, ca
     logged = wandb_history(run)[4]  # wandb receives the rows of metrics.jsonl
     for key in ("val_loss", *(f"val/{n}/loss" for n in weights)):
         assert logged[key] == pytest.approx(final[key], rel=1e-6), key
+    workspace = board.build_workspace(board.load_config([], run), "e", "p", "n")
+    assert {"val/books/loss", "data/code/epochs"} <= set(board.plotted_metrics(workspace))
+    board.validate_workspace(workspace, run)  # every panel's metric is in metrics.jsonl
     text, _ = write_report(tmp_path / "sweep")
     assert report_row(text, 0)[8:11] == [f"{final[f'val/{n}/loss']:.4f}" for n in weights]
 
