@@ -1,11 +1,10 @@
 """Evaluation: `python -m moe_lm.eval <run or checkpoint> [--source S | --data PATH | --tasks T]`.
 
 Reports the mean next-token loss (nats), perplexity and bits per byte, on the run's held-out split
-(the batches the training loop evaluated, so the loss matches the run's `val_loss` there; of one
-source of a data mixture with `--source`, matching the run's `val/<name>/loss`) or on
-`--data` files (.txt/.md/.jsonl/.parquet, in windows of `data.seq_len`). Bits per byte divide the
-total loss by the UTF-8 size of the predicted text, so models with different tokenizers compare.
-`--tasks` runs lm-evaluation-harness tasks instead (moe_lm.inference.task_eval).
+(the batches the training loop evaluated: the loss matches the run's `val_loss`; `--source NAME`:
+one source of a data mixture, its `val/NAME/loss`) or on `--data` files (.txt/.md/.jsonl/.parquet,
+in windows of `data.seq_len`). Bits per byte divide the total loss by the UTF-8 size of the text,
+so models with different tokenizers compare. `--tasks` runs lm-evaluation-harness tasks instead.
 """
 
 from __future__ import annotations
