@@ -14,7 +14,8 @@ import pytest
 from moe_lm import eval as eval_cli
 from moe_lm.config import DataConfig
 from moe_lm.data import TokenLoader, get_tokenizer, prepare
-from moe_lm.errors import ConfigError
+from moe_lm.errors import ConfigError, MoeLMError
+from moe_lm.training import loop
 from moe_lm.inference.evaluate import evaluate_batches
 from moe_lm.inference import load_model
 from moe_lm.inference.text import token_byte_lengths
@@ -98,6 +99,35 @@ def test_per_source_val_rows_equal_eval_on_each_source(tmp_path, monkeypatch, ca
         assert f"{name} {final[f'data/{name}/epochs']:.3g} epochs" in seen
     planned = next(line for line in log.splitlines() if "mixture over 4 steps: " in line)
     assert "web 60% (" in planned and "books 10% (" in planned
+
+
+@pytest.mark.parametrize("bad, error", [
+    ("weight: 0", r"source 'books' has weight 0"),
+    ("weight: -0.5", r"source 'books' has weight -0.5"),
+    ("missing", r"source 'books' \(path=.*nope.*does not exist"),
+    ("empty", r"source 'books' .*No text found"),
+])
+def test_bad_source_fails_before_the_model_is_built(tmp_path, monkeypatch, bad, error):
+    paths, base = mixture_overrides(tmp_path)
+    books = f"{{name: books, path: {paths['books']}, weight: 0.1}}"
+    if bad.startswith("weight"):
+        wrong = books.replace("weight: 0.1", bad)
+    elif bad == "missing":
+        wrong = books.replace(str(paths["books"]), str(tmp_path / "nope"))
+    else:
+        (paths["books"] / "docs.jsonl").write_text(json.dumps({"text": "  "}) + "\n")
+        wrong = books
+    overrides = [o.replace(books, wrong) for o in base]
+    assert overrides != base or bad == "empty"
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(loop, "Transformer", no_model)
+    with pytest.raises(MoeLMError, match=error):
+        train_in_process(tmp_path / "run", [*overrides, "trainer.max_steps=2"])
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 @pytest.mark.slow
