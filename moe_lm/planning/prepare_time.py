@@ -73,9 +73,10 @@ def prepare_estimate(cfg: TrainConfig, tokens: int) -> dict[str, Any]:
     rate = n_tokens / cpu_s
     worker_s = tokens / rate
     p = cfg.prepare
-    tasks = p.tasks if p.executor == "slurm" and p.tasks else SLURM_TASKS
+    workers = max(1, p.workers)  # moe_lm.prepare itself refuses workers < 1
+    tasks = p.tasks if p.executor == "slurm" and p.tasks > 0 else SLURM_TASKS
     return {"tokens": tokens, "tokens_per_worker_s": rate, "worker_hours": worker_s / 3600,
             "sample": {"where": where, "bytes": sum(len(d.encode()) for d in docs),
                        "tokens": n_tokens, "cpu_s": cpu_s, "tokenizer": tokenizer.name},
-            "seconds": {"1": worker_s, str(p.workers): worker_s / p.workers,
+            "seconds": {"1": worker_s, str(workers): worker_s / workers,
                         f"slurm_{tasks}": worker_s / tasks}}
