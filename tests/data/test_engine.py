@@ -136,7 +136,8 @@ try:
 except SystemExit as e:
     if e.code:
         raise
-print("VmHWM_MB", int(re.search(r"VmHWM:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) // 1024)
+hwm = re.search(r"VmHWM:\s+(\d+) kB", open("/proc/self/status").read()).group(1)
+print("VmHWM_MB", int(hwm) // 1024)
 """
 # Long English words that cl100k_base keeps whole: ~40 MB of text per CPU-second, several times
 # the rate of real text, so the 300 MB corpus costs seconds, not minutes, on CI's 2 cores.
