@@ -2,16 +2,19 @@
 datatrove's local executor with 1 and 2 workers, and datatrove's JsonlReader against moe_lm's own
 jsonl reader (read only, no tokenizing).
 
-    python experiments/bench_prepare.py --mb 64 --chunk-mb 8 --out /tmp/bench_prepare
+    python experiments/bench_prepare.py --mb 64 --chunk-mb 8 --repeats 3 --out /tmp/bench_prepare
 
-Needs the `moe_lm[data]` extra, and orjson for datatrove's JsonlReader in the reader comparison.
+Needs the `moe_lm[data]` extra, and orjson for datatrove's JsonlReader in the reader comparison
+(skipped, with a note, without it).
 
 The corpus is real text: the standard library's .py sources as JSON lines, repeated (in a fixed
 order) up to `--mb` megabytes. Every variant runs in a fresh process and prepares into its own
 cache directory, so each pays for the whole tokenization; the shards of all variants are compared
 byte for byte. `cpu_s` counts this process and the children it waited for (not datatrove's
 forkserver pool, whose workers are the forkserver's children), so `tokens_per_cpu_s` is the
-per-worker rate only for in_process and workers1.
+per-worker rate only for in_process and workers1. With `--repeats N` the variants run round-robin
+N times (in_process, workers1, workers2, in_process, ...), so a change in the machine's load
+between rounds hits every variant alike; each row records the 1-minute load average before it.
 """
 
 from __future__ import annotations
@@ -81,6 +84,10 @@ def run_variant(name: str, args: list[str]) -> dict:
 
 def compare_readers(path: Path) -> dict:
     """Documents/s of datatrove's JsonlReader and moe_lm's read_jsonl over the same file."""
+    try:
+        import orjson  # noqa: F401  (datatrove's JsonlReader needs it)
+    except ImportError:
+        return {"skipped": "orjson is not installed (pip install orjson)"}
     from datatrove.pipeline.readers import JsonlReader
 
     from moe_lm.data.corpus import read_jsonl
@@ -101,13 +108,15 @@ def main() -> None:
     ap.add_argument("--chunk-mb", type=float, default=8)
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench_prepare"))
     ap.add_argument("--variants", default="in_process,workers1,workers2")
+    ap.add_argument("--repeats", type=int, default=1, help="rounds over the variants")
     a = ap.parse_args()
     corpus = a.out / "corpus" / "docs.jsonl"
     info = make_corpus(corpus, a.mb)
     print(json.dumps({"corpus": info}), flush=True)
     dirs = {}
-    for name in a.variants.split(","):
-        cache = a.out / f"cache_{name}"
+    for round_, name in [(r, n) for r in range(a.repeats) for n in a.variants.split(",")]:
+        cache = a.out / f"cache_{name}_{round_}"
+        load = Path("/proc/loadavg").read_text().split()[0]
         args = [f"data.path={corpus.parent}", f"data.cache_dir={cache}",
                 f"data.chunk_mb={a.chunk_mb}"]
         if name.startswith("workers"):
@@ -116,8 +125,9 @@ def main() -> None:
         shard_dir = next((cache / "tokens").glob("cl100k_base-*"))
         meta = json.loads((shard_dir / "meta.json").read_text())
         tokens = meta["train_tokens"] + meta["val_tokens"]
-        dirs[name] = shard_dir
-        print(json.dumps({"variant": name, "seconds": round(res["seconds"], 2),
+        dirs[f"{name}_{round_}"] = shard_dir
+        print(json.dumps({"variant": name, "round": round_, "load_1min_before": float(load),
+                          "seconds": round(res["seconds"], 2),
                           "tokens": tokens, "tokens_per_s": round(tokens / res["seconds"]),
                           "docs_per_s": round(meta["documents"]["total"] / res["seconds"]),
                           "MB_per_s": round(info["bytes"] / 1e6 / res["seconds"], 2),

@@ -1,10 +1,10 @@
-"""Evaluation: `python -m moe_lm.eval <run dir or checkpoint> [--data PATH | --tasks T1,T2]`.
+"""Evaluation: `python -m moe_lm.eval <run or checkpoint> [--source S | --data PATH | --tasks T]`.
 
 Reports the mean next-token loss (nats), perplexity and bits per byte, on the run's held-out split
-(the batches the training loop evaluated, so the loss matches the run's `val_loss` there) or on
-`--data` files (.txt/.md/.jsonl/.parquet, in windows of `data.seq_len`). Bits per byte divide the
-total loss by the UTF-8 size of the predicted text, so models with different tokenizers compare.
-`--tasks` runs lm-evaluation-harness tasks instead (moe_lm.inference.task_eval).
+(the batches the training loop evaluated: the loss matches the run's `val_loss`; `--source NAME`:
+one source of a data mixture, its `val/NAME/loss`) or on `--data` files (.txt/.md/.jsonl/.parquet,
+in windows of `data.seq_len`). Bits per byte divide the total loss by the UTF-8 size of the text,
+so models with different tokenizers compare. `--tasks` runs lm-evaluation-harness tasks instead.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m moe_lm.eval", description=__doc__.split("\n")[0])
     add_model_args(p)
     p.add_argument("--data", default=None, help="files to score instead of the run's val split")
+    p.add_argument("--source", default=None, help="the mixture's source whose val split to score")
     p.add_argument("--batches", type=int, default=None,
                    help="val batches to use (default: the run's trainer.eval_batches)")
     p.add_argument("--seq-len", type=int, default=None, help="window length for --data")
@@ -48,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row) if args.json else table)
         return 0
     result = evaluate_loaded(loaded, args.data, args.batches, args.seq_len, args.batch_size,
-                             args.precision, args.max_tokens)
-    row = result_row(loaded, result, args.data, args.quantize, args.precision)
+                             args.precision, args.max_tokens, source=args.source)
+    row = result_row(loaded, result, args.data, args.quantize, args.precision, args.source)
     print(json.dumps(row) if args.json else format_result(row))
     return 0
 

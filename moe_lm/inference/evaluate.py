@@ -3,8 +3,10 @@
 Bits per byte divide the total loss by the UTF-8 size of the predicted text, so models with
 different tokenizers compare. On the run's own held-out split it reads the same
 `trainer.eval_batches` batches the training loop evaluated (so the loss matches the run's last
-`val_loss` at that checkpoint); on user files (.txt/.md/.jsonl/.parquet, a file or a directory) it
-scores all their tokens, in windows of `data.seq_len`, end-of-text between documents.
+`val_loss` at that checkpoint; for a run on a data mixture, `source` names the source whose
+validation split to read, and the loss matches the run's `val/<source>/loss`); on user files
+(.txt/.md/.jsonl/.parquet, a file or a directory) it scores all their tokens, in windows of
+`data.seq_len`, end-of-text between documents.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import torch
 
+from moe_lm.config import DataConfig
 from moe_lm.data import TokenLoader, prepare
 from moe_lm.data.corpus import user_source
+from moe_lm.data.mixture import check_sources, source_config
 from moe_lm.errors import CheckpointError, ConfigError, DataError
 from moe_lm.inference.loading import LoadedModel
 from moe_lm.inference.progress import progress
@@ -68,12 +72,33 @@ def evaluate_batches(model: Transformer, batches: Iterable[torch.Tensor], byte_l
                       n_tokens, n_bytes, n_batches)
 
 
-def val_split_batches(loaded: LoadedModel, num_batches: int | None = None) -> Iterator[torch.Tensor]:
-    """The run's fixed validation batches (what the training loop's evaluation sees)."""
+def val_split_batches(loaded: LoadedModel, num_batches: int | None = None,
+                      source: str | None = None) -> Iterator[torch.Tensor]:
+    """The run's fixed validation batches (what the training loop's evaluation sees); of the
+    mixture's source named `source` for a run on `data.sources`."""
     cfg = loaded.cfg
-    shard_dir = prepare(cfg.data, loaded.tokenizer)
+    shard_dir = prepare(source_data(cfg.data, source), loaded.tokenizer)
     loader = TokenLoader(shard_dir, "val", cfg.data.seq_len, cfg.data.batch_size, cfg.trainer.seed)
     return loader.val_batches(num_batches or cfg.trainer.eval_batches)
+
+
+def source_data(data_cfg: DataConfig, source: str | None) -> DataConfig:
+    """The DataConfig whose validation split `val_split_batches` reads: the run's own, or one
+    source of its mixture alone (prepared and split as the run prepared it)."""
+    sources = {s.name: s for s in check_sources(data_cfg)}
+    if not sources:
+        if source is not None:
+            raise ConfigError(f"--source {source}: this run did not train on a data mixture "
+                              f"(data.path={data_cfg.path!r}, no data.sources); leave out "
+                              "--source to evaluate on its validation split.")
+        return data_cfg
+    if source not in sources:
+        given = "no --source" if source is None else f"--source {source}"
+        raise ConfigError(f"{given}: this run trained on a mixture of the sources "
+                          f"{list(sources)}; pass --source NAME (one of them) to evaluate on "
+                          "that source's validation split (the run's val/NAME/loss), or --data "
+                          "FILES for other text.")
+    return source_config(data_cfg, sources[source])
 
 
 def file_batches(loaded: LoadedModel, path: str, seq_len: int, batch_size: int,
@@ -99,28 +124,35 @@ def file_batches(loaded: LoadedModel, path: str, seq_len: int, batch_size: int,
 def evaluate_loaded(loaded: LoadedModel, data: str | None = None, batches: int | None = None,
                     seq_len: int | None = None, batch_size: int | None = None,
                     precision: str | None = None, max_tokens: int | None = None,
-                    desc: str = "eval") -> EvalResult:
-    """Evaluates a loaded model on its run's validation split, or on `data` files."""
+                    desc: str = "eval", source: str | None = None) -> EvalResult:
+    """Evaluates a loaded model on its run's validation split (of the mixture's `source`), or on
+    `data` files."""
     cfg = loaded.cfg
     lengths = token_byte_lengths(loaded.tokenizer, cfg.model.vocab_size)
     if data is None:
         if seq_len or batch_size:
             raise ConfigError("--seq-len and --batch-size apply to --data files; the validation "
                               "split is read with the run's data.seq_len and data.batch_size.")
-        source, total = val_split_batches(loaded, batches), batches or cfg.trainer.eval_batches
+        rows = val_split_batches(loaded, batches, source)
+        total = batches or cfg.trainer.eval_batches
     else:
-        source = file_batches(loaded, data, seq_len or cfg.data.seq_len,
-                              batch_size or cfg.data.batch_size, max_tokens)
-        total = len(source)
-    return evaluate_batches(loaded.model, source, lengths, precision or cfg.trainer.precision,
+        if source is not None:
+            raise ConfigError("--source names a source of the run's mixture for its validation "
+                              "split; --data scores other files. Give one of them.")
+        rows = file_batches(loaded, data, seq_len or cfg.data.seq_len,
+                            batch_size or cfg.data.batch_size, max_tokens)
+        total = len(rows)
+    return evaluate_batches(loaded.model, rows, lengths, precision or cfg.trainer.precision,
                             desc, total)
 
 
 def result_row(loaded: LoadedModel, result: EvalResult, data: str | None,
-               quantize: str, precision: str | None = None) -> dict[str, Any]:
+               quantize: str, precision: str | None = None,
+               source: str | None = None) -> dict[str, Any]:
     """What `python -m moe_lm.eval` reports: the checkpoint, the data, then the result's fields."""
+    split = "val split" if source is None else f"val split of source {source}"
     return {"checkpoint": str(loaded.ckpt.path), "step": loaded.ckpt.step,
-            "data": data or "val split", "quantize": quantize,
+            "data": data or split, "quantize": quantize,
             "precision": precision or loaded.cfg.trainer.precision,
             **asdict(result)}
 

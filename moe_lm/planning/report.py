@@ -23,6 +23,7 @@ from moe_lm.planning.counting import (
     totals,
 )
 from moe_lm.planning.memory import PARTS, RankMemory, rank_memory, world_size_of
+from moe_lm.planning.prepare_time import prepare_estimate
 
 GIB = 2 ** 30
 
@@ -130,6 +131,7 @@ def make_plan(cfg: TrainConfig) -> dict[str, Any]:
         "step_time_s": step_time,
         "train_tokens": tokens_per_step * t.max_steps,
         "time_to_train_s": step_time * t.max_steps,
+        "prepare": prepare_estimate(cfg, tokens_per_step * t.max_steps),
         "assumptions": {
             "plan": asdict(cfg.plan),
             "routing": "balanced (every expert gets tokens*top_k/num_experts rows)",
@@ -191,7 +193,28 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"{a['peak_tflops']:g} TFLOP/s x MFU {a['mfu']:g}")
     add(f"time to train {plan['train_tokens'] / 1e12:.3g}T tokens: "
         f"{_fmt_time(plan['time_to_train_s'])} on {m['world_size']} GPUs")
+    add(prepare_line(plan["prepare"]))
     return "\n".join(lines)
+
+
+def _fmt_wall(seconds: float) -> str:
+    for unit, scale in (("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= scale:
+            return f"{seconds / scale:.1f} {unit}"
+    return f"{seconds:.1f} s"
+
+
+def prepare_line(est: dict[str, Any]) -> str:
+    """The plan's line on `python -m moe_lm.prepare` for the run's tokens."""
+    s = est["sample"]
+    times = ", ".join(f"{_fmt_wall(sec)} with {k[len('slurm_'):]} SLURM tasks"
+                      if k.startswith("slurm_") else
+                      f"{_fmt_wall(sec)} with {k} worker{'s' if k != '1' else ''}"
+                      for k, sec in est["seconds"].items())
+    return (f"data preparation (python -m moe_lm.prepare) of {_fmt_count(est['tokens'])} tokens "
+            f"at {est['tokens_per_worker_s'] / 1e6:.2f}M tokens/s per worker (measured now: "
+            f"{s['tokens']:,} {s['tokenizer']} tokens of {s['where']} in {s['cpu_s']:.2f} "
+            f"CPU-s): {times}, if storage keeps up")
 
 
 def write_plan(plan: dict[str, Any], run_dir: Path | str) -> Path:

@@ -1,7 +1,8 @@
 """Dashboards as code: the wandb workspace of a moe_lm project, built from the run config.
 
-The workspace has four sections: loss (total, LM, validation, and each loss term the run logs), routing balance
-(load imbalance, dropped fraction, router entropy, the aux_free bias range and the expert-load
+The workspace has four sections: loss (total, LM, validation, and each loss term the run logs; for
+a data mixture also each source's validation loss and epochs seen), routing balance (load
+imbalance, dropped fraction, router entropy, the aux_free bias range and the expert-load
 heatmaps), routing per layer (one panel per MoE layer and one per routing metric across layers)
 and throughput. The MoE layers come from the config, composed like `python -m moe_lm.train`
 composes it (the same `key=value` overrides, e.g. `model.n_layers=8 expert=aux_free`), or from a
@@ -47,10 +48,14 @@ def panel_metrics(cfg: TrainConfig) -> dict[str, list[tuple[str, list[str]]]]:
     per_layer = [(f"layer {i}: balance", [f"moe/layer{i}/{m}" for m in LAYER_METRICS])
                  for i in layers]
     per_layer += [(f"{m} by layer", [f"moe/layer{i}/{m}" for i in layers]) for m in LAYER_METRICS]
+    names = [s.name for s in cfg.data.sources]  # a data mixture: its per-source rows
+    mixture = [("validation loss per source", [f"val/{n}/loss" for n in names]),
+               ("epochs seen per source", [f"data/{n}/epochs" for n in names])] if names else []
     return {
         "Loss": [
             ("loss", ["loss", "lm_loss"]),
             ("validation loss", ["val_loss"]),
+            *mixture,
             # one panel per loss term the run logs (balance, z-loss, objectives, ...), unweighted
             *[(f"{name} (loss term)", [name]) for name in loss_term_names(cfg)],
             ("learning rate", ["lr"]),

@@ -5,7 +5,9 @@ and writes into that directory
 
 - `report.md`: a markdown table, one row per job: the overrides that vary across the sweep, its
   status, steps, final validation loss, training tokens/s (median over logged steps), and the
-  load imbalance and dropped fraction of its last logged step; also printed to stdout;
+  load imbalance and dropped fraction of its last logged step, then one column per source of a
+  data mixture (`val/<name>/loss`, when any job has them) and per lm-eval task metric; also
+  printed to stdout;
 - `report.png`: validation loss against step, one line per job.
 
 Jobs that failed, were killed or never started are listed as such: a job's status comes from its
@@ -47,6 +49,7 @@ class JobReport:
     error: Optional[str] = None
     val_curve: list[tuple[int, float]] = field(default_factory=list)
     task_metrics: dict[str, float] = field(default_factory=dict)  # "<task>/<metric>": last value
+    source_losses: dict[str, float] = field(default_factory=dict)  # data.sources: name -> last
 
 
 def expected_jobs(sweep_dir: Path) -> Optional[list[list[str]]]:
@@ -112,6 +115,8 @@ def read_job(job_dir: Path) -> JobReport:
     for r in evals:  # trainer.eval_tasks: eval/<task>/<metric>, the last logged value of each
         job.task_metrics.update({k[len("eval/"):]: float(v) for k, v in r.items()
                                  if k.startswith("eval/")})
+        job.source_losses.update({k.split("/")[1]: float(v) for k, v in r.items()
+                                  if k.startswith("val/") and k.endswith("/loss")})
     if rows:
         job.step = max(int(r["step"]) for r in rows)
     rates = [float(r["tokens_per_s"]) for r in train if "tokens_per_s" in r]
@@ -178,14 +183,17 @@ def markdown(sweep_dir: Path, jobs: list[JobReport]) -> str:
     if common:
         lines += ["Shared overrides: " + " ".join(f"`{o}`" for o in common), ""]
     tasks = sorted({k for j in jobs for k in j.task_metrics})  # one column per task metric
+    sources = _source_names(jobs)  # one column per source of a data mixture
     lines += ["| job | overrides | status | steps | final val loss | tokens/s | load imbalance "
-              "| dropped frac |" + "".join(f" {t} |" for t in tasks),
-              "|---:|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(tasks)]
+              "| dropped frac |" + "".join(f" val/{n}/loss |" for n in sources)
+              + "".join(f" {t} |" for t in tasks),
+              "|---:|---|---|---:|---:|---:|---:|---:|" + "---:|" * (len(sources) + len(tasks))]
     for job, label in zip(jobs, labels):
         lines.append(f"| {'?' if job.num is None else job.num} | `{label}` | "
                      f"{STATUS_TEXT.get(job.status, job.status)} | {_fmt(job.step, '{:d}')} | "
                      f"{_fmt(job.val_loss, '{:.4f}')} | {_fmt(job.tokens_per_s, '{:,.0f}')} | "
                      f"{_fmt(job.load_imbalance, '{:.3f}')} | {_fmt(job.dropped_frac, '{:.4f}')} |"
+                     + "".join(f" {_fmt(job.source_losses.get(n), '{:.4f}')} |" for n in sources)
                      + "".join(f" {_fmt(job.task_metrics.get(t), '{:.4f}')} |" for t in tasks))
     done = [(j, lab) for j, lab in zip(jobs, labels) if j.status == "completed"
             and j.val_loss is not None and math.isfinite(j.val_loss)]
@@ -207,9 +215,20 @@ def markdown(sweep_dir: Path, jobs: list[JobReport]) -> str:
     lines += ["", "Columns: final val loss = the last `val_loss` row; tokens/s = median over "
                   "logged training steps; load imbalance (max tokens per expert / mean, averaged "
                   "over MoE layers) and dropped frac = the last logged training step"
+                  + ("; `val/<name>/loss` = the last validation loss on that source of the "
+                     "data mixture alone (data.sources; the final val loss is their mean under "
+                     "the mixture's weights)" if sources else "")
                   + ("; `<task>/<metric>` = the last value of lm-eval's metric "
                      "(trainer.eval_tasks)." if tasks else "."), ""]
     return "\n".join(lines)
+
+
+def _source_names(jobs: list[JobReport]) -> list[str]:
+    """The mixture sources of all jobs, in the order they first appear (the config's order)."""
+    names: list[str] = []
+    for job in jobs:
+        names += [n for n in job.source_losses if n not in names]
+    return names
 
 
 def _fmt(value: Optional[float], spec: str) -> str:

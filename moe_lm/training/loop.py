@@ -36,7 +36,7 @@ from moe_lm.training.routing_monitor import RoutingMonitor, heatmap_path
 from moe_lm.training.sigterm import sigterm_sets
 from moe_lm.training.optim import build_optimizer, build_scheduler
 from moe_lm.training.step import forward_backward
-from moe_lm.training.summary import end_summary, start_summary
+from moe_lm.training.summary import end_summary, mixture_plan, mixture_seen, start_summary
 from moe_lm.training.trained_model import load_model_weights, resolve_checkpoint
 from moe_lm.training.warm_start import warm_start_config
 
@@ -368,9 +368,13 @@ def run_training(cfg: TrainConfig, run_dir: Path,
         try:
             logger.say(start_summary(trainer.cfg, run_dir, trainer.device, trainer.precision,
                                      dist_utils.world_size(), trainer.step))
+            if mixture_plan(trainer.train_data, trainer.cfg):  # how often each source repeats
+                logger.say(mixture_plan(trainer.train_data, trainer.cfg))
             result = trainer.fit(logger)
             if t.final_weights_only and trainer.step >= t.max_steps:
                 keep_final_weights_only(run_dir, trainer.model)
+            if mixture_seen(trainer.train_data):
+                logger.say(mixture_seen(trainer.train_data))
             logger.say(end_summary(run_dir, trainer.step, trainer.cfg, time.time() - started,
                                    result))
             return result

@@ -3,7 +3,9 @@
 The start summary names the run directory, the parameter counts (total, active per token and the
 embedding's share), device, precision, tokens per step and the schedule; the end summary gives
 the wall time, the best and final validation loss (from `metrics.jsonl`, so a resumed run counts
-its earlier evaluations too) and the newest checkpoint. Rank 0 prints them through
+its earlier evaluations too) and the newest checkpoint. A run on a data mixture also says, at its
+start, how many epochs of each source its steps will read, and at its end how many it read (a
+source smaller than its share of the run repeats). Rank 0 prints them through
 `MetricsLogger.say`, which also writes them to `<run>/train.log`.
 """
 
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 
 from moe_lm.config import TrainConfig
+from moe_lm.data.mixture import MixtureLoader, planned_epochs
 from moe_lm.model import count_params
 from moe_lm.parallel.precision import Precision
 from moe_lm.training.checkpoint import list_checkpoints
@@ -103,6 +106,29 @@ def end_summary(run_dir: Path, step: int, cfg: TrainConfig, wall_s: float,
         size = _dir_bytes(ckpts[0].path)
         parts.append(f"checkpoint {ckpts[0].path} ({size / 1e6:,.0f} MB)")
     return " | ".join(parts) + f"\nrun dir: {Path(run_dir).resolve()}"
+
+
+def _epochs(epochs: float) -> str:
+    return f"{epochs:.3g} epochs" + (", repeats" if epochs > 1 else "")
+
+
+def mixture_plan(loader: object, cfg: TrainConfig) -> str | None:
+    """The start line of a run on a data mixture: each source's share and the epochs of it the
+    whole run (`trainer.max_steps` x `trainer.grad_accum` global batches) reads; None otherwise."""
+    if not isinstance(loader, MixtureLoader):
+        return None
+    epochs = planned_epochs(loader, cfg.trainer.max_steps * cfg.trainer.grad_accum)
+    return f"mixture over {cfg.trainer.max_steps} steps: " + ", ".join(
+        f"{n} {100 * share:.3g}% ({src.n_windows:,} sequences, {_epochs(epochs[n])})"
+        for n, share, src in zip(loader.names, loader.shares, loader.sources))
+
+
+def mixture_seen(loader: object) -> str | None:
+    """The end line of a run on a data mixture: the epochs of each source it has read."""
+    if not isinstance(loader, MixtureLoader):
+        return None
+    return "data seen: " + ", ".join(f"{n} {e:.3g} epochs" + (" (repeated)" if e > 1 else "")
+                                     for n, e in loader.epochs().items())
 
 
 def already_complete(step: int, end: int, max_steps: int) -> str | None:

@@ -6,9 +6,6 @@ from __future__ import annotations
 import gzip
 import importlib
 import json
-import subprocess
-import sys
-import sysconfig
 from pathlib import Path
 
 import pyarrow as pa
@@ -129,40 +126,3 @@ def same_shards(a: Path, b: Path) -> bool:
     files = sorted(p.name for p in a.glob("*.bin"))
     return ma == mb and files == sorted(p.name for p in b.glob("*.bin")) and all(
         (a / f).read_bytes() == (b / f).read_bytes() for f in files)
-
-
-# VmHWM, not ru_maxrss: Linux carries the parent's peak at fork into the child's ru_maxrss.
-RSS_CHILD = r"""
-import re, sys
-from moe_lm.config import DataConfig
-from moe_lm.data import get_tokenizer, load_meta, prepare
-cfg = DataConfig(path=sys.argv[1], cache_dir=sys.argv[2], chunk_mb=1.0)
-meta = load_meta(prepare(cfg, get_tokenizer(cfg.tokenizer)))
-hwm = re.search(r"VmHWM:\s+(\d+) kB", open("/proc/self/status").read()).group(1)
-print(meta["chunks"], int(hwm) // 1024)
-"""
-
-
-@pytest.mark.slow
-def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
-    """Prepares 4 MB and 16 MB of jsonl in fresh processes: the larger corpus (4x the chunks)
-    peaks within 20 MB of the smaller one, because only one 1 MB chunk is in memory at a time."""
-    if not Path("/proc/self/status").is_file():
-        pytest.skip("needs Linux's /proc for the peak RSS (VmHWM)")
-    texts = [p.read_text(errors="replace")
-             for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))]
-    peaks = {}
-    for mb in (4, 16):
-        lines, size = [], 0
-        while size < mb * 1_000_000:
-            line = json.dumps({"text": texts[len(lines) % len(texts)]}) + "\n"
-            lines.append(line)
-            size += len(line)
-        path = tmp_path / f"c{mb}" / "docs.jsonl"
-        path.parent.mkdir()
-        path.write_text("".join(lines))
-        out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(path), str(tmp_path / "cache")],
-                             capture_output=True, text=True, check=True).stdout.split()
-        chunks, peaks[mb] = int(out[0]), int(out[1])
-        assert chunks >= mb
-    assert peaks[16] <= peaks[4] + 20, peaks

@@ -1,10 +1,13 @@
 """`python -m moe_lm.prepare` on datatrove: 1 and 2 workers write the shards the training run
-writes in-process, a SIGKILLed prepare continues to the same shards, bad settings fail clearly."""
+writes in-process, a SIGKILLed prepare continues to the same shards, its peak memory does not grow
+with the corpus (30 MB vs 300 MB), bad settings fail clearly."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -120,6 +123,66 @@ def test_prepare_of_a_mixture_config_is_refused(tmp_path, data_cfg, tok):
     cfg.sources = [SourceConfig("web", str(tmp_path), 1.0)]
     with pytest.raises(DataError, match="mixture"):
         prepare(cfg, tok)
+
+
+# The prepare command in this process, then its peak RSS. VmHWM, not ru_maxrss: Linux carries the
+# parent's peak at fork into the child's ru_maxrss. With prepare.workers=1 datatrove runs the
+# tasks in this process, so VmHWM covers the reading and tokenizing of every chunk.
+RSS_CHILD = r"""
+import re, runpy, sys
+sys.argv = ["moe_lm.prepare", *sys.argv[1:], "hydra.run.dir=.", "hydra/job_logging=disabled"]
+try:
+    runpy.run_module("moe_lm.prepare", run_name="__main__")
+except SystemExit as e:
+    if e.code:
+        raise
+hwm = re.search(r"VmHWM:\s+(\d+) kB", open("/proc/self/status").read()).group(1)
+print("VmHWM_MB", int(hwm) // 1024)
+"""
+# Long English words that cl100k_base keeps whole: ~40 MB of text per CPU-second, several times
+# the rate of real text, so the 300 MB corpus costs seconds, not minutes, on CI's 2 cores.
+WORDS = (" understanding information development government international performance"
+         " environment technology management community relationship experience") * 1000
+
+
+def write_big_jsonl(path: Path, mb: int) -> int:
+    """`mb` megabytes of JSON lines, ~0.9 MB per document (each starts with its number)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with open(path, "w") as f:
+        while f.tell() < mb * 1_000_000:
+            f.write(json.dumps({"text": f"{n}{WORDS}"}) + "\n")
+            n += 1
+    return n
+
+
+@pytest.mark.slow
+def test_peak_memory_of_prepare_does_not_grow_with_the_corpus(tmp_path):
+    """`python -m moe_lm.prepare` over 30 MB and 300 MB of jsonl (8 MB chunks: 4 and 38 of them)
+    in fresh processes: 10x the corpus peaks within 32 MB of the smaller one, and both stay
+    under 400 MB plus 8x one chunk (imports and tokenizer, then one chunk's text, token lists
+    and arrays at a time)."""
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("needs Linux's /proc for the peak RSS (VmHWM)")
+    peaks, chunk_mb = {}, 8
+    for mb in (30, 300):
+        root = tmp_path / f"c{mb}"
+        write_big_jsonl(root / "docs.jsonl", mb)
+        proc = subprocess.run(
+            [sys.executable, "-c", RSS_CHILD, f"data.path={root}", f"data.chunk_mb={chunk_mb}",
+             f"data.cache_dir={tmp_path / 'cache'}", "prepare.workers=1"],
+            capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        peaks[mb] = int(re.search(r"VmHWM_MB (\d+)", proc.stdout).group(1))
+        shard_dir = Path(proc.stdout.split("VmHWM_MB")[0].strip().splitlines()[-1])
+        meta = json.loads((shard_dir / "meta.json").read_text())
+        assert meta["chunks"] >= mb // chunk_mb and meta["documents"]["total"] > mb
+        for f in shard_dir.glob("*.bin"):  # disk only: the next corpus needs the room
+            f.unlink()
+        (root / "docs.jsonl").unlink()
+    print("peak RSS MB:", peaks)
+    assert peaks[300] <= peaks[30] + 32, peaks
+    assert max(peaks.values()) <= 400 + 8 * chunk_mb, peaks
 
 
 FAKE_SBATCH = r"""#!/bin/bash

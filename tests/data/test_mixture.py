@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moe_lm.config import DataConfig, SourceConfig
-from moe_lm.data import MixtureLoader, open_run_data
+from moe_lm.config import DataConfig, SourceConfig, TrainConfig, TrainerConfig
+from moe_lm.data import MixtureLoader, TokenLoader, open_run_data
 from moe_lm.data.mixture import check_sources, planned_epochs
 from moe_lm.data.prepare import ShardWriter
 from moe_lm.errors import ConfigError, DataError
+from moe_lm.training.summary import mixture_plan, mixture_seen
 
 from .conftest import DOCS
 
@@ -94,6 +95,20 @@ def test_small_source_repeats_each_window_once_per_epoch_and_counts_epochs(dirs)
     epochs = loader.epochs()
     assert epochs["books"] == pytest.approx(1.6) and epochs["web"] < 1
     assert planned_epochs(mixture(dirs), 200)["books"] == pytest.approx(1.6)
+
+
+def test_the_run_says_how_many_epochs_of_each_source_it_reads(dirs):
+    cfg = TrainConfig(trainer=TrainerConfig(max_steps=100, grad_accum=2))  # 200 global batches
+    loader = mixture(dirs)
+    plan = mixture_plan(loader, cfg)
+    assert plan == ("mixture over 100 steps: web 60% (1,000 sequences, 0.96 epochs), code 30% "
+                    "(300 sequences, 1.6 epochs, repeats), books 10% (100 sequences, 1.6 epochs, "
+                    "repeats)")
+    take(loader, 200)
+    assert mixture_seen(loader) == ("data seen: web 0.96 epochs, code 1.6 epochs (repeated), "
+                                    "books 1.6 epochs (repeated)")
+    plain = TokenLoader(dirs[0], "train", SEQ, 8, 0)
+    assert mixture_plan(plain, cfg) is None and mixture_seen(plain) is None
 
 
 def test_resume_with_other_sources_is_refused(dirs):

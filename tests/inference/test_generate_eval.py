@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from moe_lm.errors import CheckpointError
+from moe_lm.errors import CheckpointError, ConfigError
 from moe_lm.inference import load_model
 from moe_lm.inference.evaluate import evaluate_loaded
 from moe_lm.inference.generate import StreamDecoder, generate_tokens, sample_next_token
@@ -76,6 +76,14 @@ def test_eval_on_an_earlier_checkpoint_matches_that_steps_val_loss(tiny_run):
     evals = {r["step"]: r["val_loss"] for r in read_metrics(tiny_run) if "val_loss" in r}
     result = evaluate_loaded(load_model(tiny_run / "checkpoints" / "step_0000005", device="cpu"))
     assert result.loss == pytest.approx(evals[5], rel=1e-5)
+
+
+def test_eval_source_is_for_mixture_runs_only(tiny_run, tmp_path):
+    loaded = load_model(tiny_run, device="cpu")
+    with pytest.raises(ConfigError, match="--source web: this run did not train on a data mix"):
+        evaluate_loaded(loaded, source="web")
+    with pytest.raises(ConfigError, match="--data scores other files. Give one of them"):
+        evaluate_loaded(loaded, data=str(tmp_path), source="web")
 
 
 def test_eval_scores_every_token_of_user_files(tiny_run, tmp_path):

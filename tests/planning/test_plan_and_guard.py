@@ -28,8 +28,9 @@ def run_module(module: str, run_dir, *overrides: str) -> tuple[subprocess.Comple
 def test_plan_of_the_tiny_default_reports_every_key_and_fits_one_gpu():
     plan = make_plan(make_cfg({}, vocab=100277))
     for key in ("total_params", "active_params", "flops_per_token", "memory_per_gpu_bytes",
-                "min_gpus", "step_time_s", "time_to_train_s"):
+                "min_gpus", "step_time_s", "time_to_train_s", "prepare"):
         assert key in plan
+    assert plan["prepare"]["tokens"] == plan["train_tokens"]
     assert plan["total_params"] == count_params(make_cfg({}, 100277).model, make_cfg({}).expert)[
         "total"]
     assert plan["fits"] and plan["min_gpus"] == 1
@@ -47,6 +48,7 @@ def test_plan_cli_for_1t_moe_writes_plan_json_within_a_minute_or_two(tmp_path):
     assert plan["memory_per_gpu_bytes"] <= plan["usable_gpu_memory_bytes"]
     assert 1 <= plan["min_gpus"] <= 512
     assert plan["time_to_train_s"] > 0 and "TOTAL" in proc.stdout
+    assert "data preparation (python -m moe_lm.prepare) of 2.097T tokens" in proc.stdout
     assert seconds < 120  # the minute, with room for a loaded 2-core CI box
 
 

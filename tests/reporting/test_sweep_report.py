@@ -113,3 +113,23 @@ def test_report_cli_errors_clearly_on_a_directory_without_jobs(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "is not a directory" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_report_has_a_column_per_source_of_a_data_mixture(tmp_path):
+    sweep = tmp_path / "mix"
+    sweep.mkdir()
+    mixed = make_job(sweep, 0, ["data=mix"], "completed", step=8)
+    rows = [{"step": s, "val_loss": 0.6 * web + 0.4 * code, "val/web/loss": web,
+             "val/code/loss": code, "data/web/epochs": 0.5} for s, web, code in
+            [(4, 7.0, 8.0), (8, 5.0, 6.5)]]
+    (mixed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    make_job(sweep, 1, ["data=plain"], "completed", val=[(8, 5.5)], step=8)
+    text, jobs = write_report(sweep)
+    header = next(line for line in text.splitlines() if line.startswith("| job"))
+    assert header.endswith("| dropped frac | val/web/loss | val/code/loss |")
+    assert jobs[0].source_losses == {"web": 5.0, "code": 6.5}  # the last evaluation's
+    assert report_row(text, 0)[4] == "5.6000" and report_row(text, 0)[8:] == ["5.0000", "6.5000"]
+    assert report_row(text, 1)[8:] == ["-", "-"]  # a job without the mixture
+    assert "`val/<name>/loss` = the last validation loss on that source" in text
+    plain, _ = write_report(make_sweep(tmp_path / "plain", ["x=1"]))
+    assert "val/" not in plain
