@@ -12,8 +12,9 @@ same number of new tokens (no early stop). Prefill is the time to the first new 
 tokens/s is `B * (N - 1) / (t_N - t_1)`, from the medians of the two timings; end to end is
 `B * N / t_N`. The last column is the decode ratio from the process's CPU seconds instead of wall
 seconds (1 thread: what the process computed, less inflated by other processes' load; memory
-bandwidth and caches are still shared). Repetitions are interleaved (each repetition times every candidate, in a rotating
-order) so load from other processes spreads over all of them; ratios are of medians of one run.
+bandwidth and caches are still shared). Repetitions are interleaved (each repetition times every
+candidate, in a rotating order) so load from other processes spreads over all of them; ratios
+are of medians of one run.
 The script also checks that moe_lm's greedy tokens equal transformers' on the fp32 model.
 """
 
@@ -165,7 +166,8 @@ def table(cands, times, n: int, batches: list[int]) -> tuple[list[str], list[dic
             rows.append(row)
             lines.append(f"| {name} | {batch} | {row['weights_mb']:.1f} | {c['ppl']:.2f} "
                          f"({row['ppl_change']:+.2%}) | {row['prefill_ms']:.1f} | {decode:.1f} | "
-                         f"{e2e:.1f} | {row['decode_ratio']:.2f}x | {row['e2e_ratio']:.2f}x | {cpu_ratio:.2f}x |")
+                         f"{e2e:.1f} | {row['decode_ratio']:.2f}x | {row['e2e_ratio']:.2f}x | "
+                         f"{cpu_ratio:.2f}x |")
     return lines, rows
 
 

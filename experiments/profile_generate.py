@@ -37,7 +37,9 @@ def main() -> int:
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     loaded = load_model(run, device="cpu")
     prompts = bench_prompts(loaded, args.batch)
-    for name, fn in (("moe_lm", ours(loaded.model)), ("transformers", theirs(hf, loaded.tokenizer.eot_id))):
+    candidates = {"moe_lm": ours(loaded.model),
+                  "transformers": theirs(hf, loaded.tokenizer.eot_id)}
+    for name, fn in candidates.items():
         timed(fn, prompts, 2)
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             timed(fn, prompts, args.new_tokens)
