@@ -6,6 +6,7 @@ the kernel API, `TorchBackend.route_for_layer` pads each expert's rows to a mult
 alignment (`route_aligned`) with padding entries (values >= T*k) that `gather` fills with zeros
 and `scatter` ignores (moe_lm.ops.torch_dropless; on CPU, where the caller allows it), and
 `grouped_mm_pair` runs the experts' w1/w3 products with one backward (moe_lm.ops.torch_gemm_pair).
+Without autograd on a CPU (generation, evaluation) both run as the per-expert loop instead.
 The plain, obviously-correct version that tests check this against is moe_lm.ops.reference.
 """
 
