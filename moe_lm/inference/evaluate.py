@@ -157,11 +157,20 @@ def result_row(loaded: LoadedModel, result: EvalResult, data: str | None,
             **asdict(result)}
 
 
+# what each --quantize mode (moe_lm.compress.weight_only) does to the weights, as the table says it
+WEIGHTS_BY_QUANTIZE = {
+    "none": "experts unquantized",
+    "int8": "torchao int8 weight-only linears and experts (per-channel scales)",
+    "int4": "torchao int4 weight-only linears and experts (groups of 32)",
+    "int8-experts": "experts int8 (per-channel scales)",
+}
+
+
 def format_result(row: dict[str, Any]) -> str:
     """The human-readable table of a `result_row`."""
     return "\n".join([
         f"checkpoint   {row['checkpoint']} (step {row['step']})",
-        f"model        experts {'int8 (per-channel scales)' if row['quantize'] == 'int8' else 'unquantized'}"
+        f"model        {WEIGHTS_BY_QUANTIZE.get(row['quantize'], row['quantize'])}"
         f", computed in {row['precision']}",
         f"data         {row['data']}: {row['tokens']} tokens, {row['bytes']} bytes, "
         f"{row['batches']} batches",

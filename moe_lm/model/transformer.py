@@ -203,12 +203,30 @@ class Transformer(nn.Module):
             lm_loss = fused_linear_cross_entropy(h_BSD.flatten(0, 1), self.head_weight_VD,
                                                  targets_BS.flatten())
             return ModelOutput(None, lm_loss, stats, h_BSD)
-        logits_BSV = F.linear(h_BSD[:, -1:] if last_only else h_BSD,
-                              self.head_weight_VD.to(h_BSD.dtype))
+        head_VD = self.head_weight_VD.to(h_BSD.dtype)
+        if last_only:
+            logits_BSV = few_rows_logits(h_BSD[:, -1], head_VD)[:, None]
+        else:
+            logits_BSV = F.linear(h_BSD, head_VD)
         lm_loss = None
         if targets_BS is not None:
             lm_loss = F.cross_entropy(logits_BSV.flatten(0, 1).float(), targets_BS.flatten())
         return ModelOutput(logits_BSV, lm_loss, stats, h_BSD)
+
+
+def few_rows_logits(h_BD: torch.Tensor, head_VD: torch.Tensor) -> torch.Tensor:
+    """The LM head for the few rows of a decoding step, (B, V): on CPU as `head @ h.T`.
+
+    MKL's product of one or a few rows with a transposed (V, D) weight, what `F.linear` runs,
+    streams the weight far below memory bandwidth on some x86 CPUs; with the weight as the
+    left operand it reads it at full speed (measured in experiments/results/
+    bench_generate_2026-12-02.md). A single row goes in twice: a one-column right operand
+    takes MKL's slow matrix-vector path again. Same products, summed in another order."""
+    if h_BD.device.type != "cpu":
+        return F.linear(h_BD, head_VD)
+    B = h_BD.shape[0]
+    h_RD = torch.cat([h_BD, h_BD]) if B == 1 else h_BD.contiguous()
+    return (head_VD @ h_RD.t()).t()[:B]
 
 
 def count_params(cfg: ModelConfig, expert_cfg: ExpertConfig) -> dict[str, int]:

@@ -6,6 +6,7 @@ the kernel API, `TorchBackend.route_for_layer` pads each expert's rows to a mult
 alignment (`route_aligned`) with padding entries (values >= T*k) that `gather` fills with zeros
 and `scatter` ignores (moe_lm.ops.torch_dropless; on CPU, where the caller allows it), and
 `grouped_mm_pair` runs the experts' w1/w3 products with one backward (moe_lm.ops.torch_gemm_pair).
+Without autograd on a CPU (generation, evaluation) both run as the per-expert loop instead.
 The plain, obviously-correct version that tests check this against is moe_lm.ops.reference.
 """
 
@@ -77,10 +78,21 @@ def grouped_mm(x_TK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor) ->
     take the loop (reading offs[-1] costs nothing there); on CUDA checking would cost a
     host-device sync per call, so the rows stay as the op leaves them (the MoE layer and expert
     parallelism always cover every row)."""
+    if _cpu_inference(x_TK):
+        return grouped_mm_loop(x_TK, w_EKN, offs_E)
     if _native_grouped_mm_ok(x_TK, w_EKN) and not _cpu_rows_past_groups(x_TK, offs_E):
         out = torch._grouped_mm(x_TK.contiguous(), w_EKN, offs=offs_E.to(torch.int32))
         return _ContiguousGrad.apply(out)
     return grouped_mm_loop(x_TK, w_EKN, offs_E)
+
+
+def _cpu_inference(x_TK: torch.Tensor) -> bool:
+    """No autograd on CPU (generation, evaluation): the per-expert loop, which skips empty
+    groups and the autograd wrappers; at decoding's few rows those wrappers, not the
+    products, were most of the layer's time (profile in experiments/results/
+    bench_generate_2026-12-02.md). Same per-group products as `torch._grouped_mm` on CPU."""
+    return (x_TK.device.type == "cpu" and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling())
 
 
 def _cpu_rows_past_groups(x_TK: torch.Tensor, offs_E: torch.Tensor) -> bool:
@@ -95,6 +107,8 @@ def grouped_mm_pair(x_TK: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor,
     CPU one backward that accumulates the input's two gradients in place
     (moe_lm.ops.torch_gemm_pair)."""
     gmm = gmm or grouped_mm
+    if _cpu_inference(x_TK):
+        return gmm(x_TK, w_a, offs_E), gmm(x_TK, w_b, offs_E)
     if x_TK.device.type == "cpu" and not torch.compiler.is_compiling():
         return GroupedMMPair.apply(x_TK, w_a, w_b, offs_E, gmm)
     return gmm(x_TK, w_a, offs_E), gmm(x_TK, w_b, offs_E)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from moe_lm.compress.weight_only import quantize_model
 from moe_lm.errors import MoeLMError
 from moe_lm.interop.hf_export import export
 from moe_lm.inference import load_model
@@ -163,6 +164,30 @@ def test_bf16_loglikelihoods_stay_close_to_fp32(tiny_run, requests):
     assert fp32 != bf16  # the bf16 path really ran in bf16
     # bf16 keeps 8 mantissa bits: relative errors of order 2^-8 per op
     assert bf16 == pytest.approx(fp32, rel=0.05)
+
+
+# max |log-likelihood change| / |log-likelihood| over the multiple-choice requests of the
+# 10-step tiny run, whose logits move by at most 2% (int8) / 50% (int4) of their largest value
+# (tests/compress/test_weight_only.py); measured 4.2e-4 (int8) and 0.017 (int4)
+LL_BOUNDS = {"int8": 0.01, "int4": 0.1}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_loglikelihoods_stay_close_to_full_precision(tiny_run, requests, mode):
+    """The lm-eval path with `--quantize`: a LoadedModel quantized by torchao, as eval does."""
+    pytest.importorskip("torchao")
+    loaded = load_model(tiny_run, device="cpu")
+    mc = requests["moe_lm_test_mc"]
+
+    def loglikelihoods():
+        lm = MoeLM(loaded, batch_size=8, precision="fp32")
+        return torch.tensor([ll for ll, _ in lm.loglikelihood(mc)])
+
+    fp32 = loglikelihoods()
+    quantize_model(loaded.model, mode)
+    rel = float(((loglikelihoods() - fp32).abs() / fp32.abs()).max())
+    assert 0 < rel <= LL_BOUNDS[mode], rel
 
 
 def test_without_lm_eval_the_error_says_how_to_install_it(monkeypatch):

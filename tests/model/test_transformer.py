@@ -81,3 +81,17 @@ def test_fused_head_loss_equals_plain_cross_entropy_in_value_and_gradients():
     torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
     for a, b in zip(g_fused, g_plain):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_last_only_logits_equal_the_full_forwards_last_position(rows):
+    """Generation's head (`few_rows_logits`, weight as the left operand) against F.linear."""
+    net, _, _ = tiny()
+    net.eval()
+    x = torch.randint(0, 97, (rows, 9))
+    with torch.no_grad():
+        full = net(x).logits[:, -1:]
+        last = net(x, last_only=True).logits
+    assert last.shape == full.shape == (rows, 1, 97)
+    torch.testing.assert_close(last, full, rtol=1e-5, atol=1e-6)
+    assert torch.equal(last.argmax(-1), full.argmax(-1))

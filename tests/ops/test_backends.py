@@ -56,6 +56,21 @@ def test_backend_matches_the_reference_through_the_layers_calls(name, may_pad):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("T", [1, 3, 40])
+def test_torch_backend_without_autograd_matches_the_reference_at_decoding_sizes(T):
+    """Generation's path (no autograd on CPU: the per-expert loop), empty groups included."""
+    gen = torch.Generator().manual_seed(T)
+    k, E, D, Fh = 2, 8, 16, 24
+    idx = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
+    x, w_Tk = torch.randn(T, D, generator=gen), torch.rand(T, k, generator=gen)
+    w1, w3 = (torch.randn(E, D, Fh, generator=gen) / 4 for _ in range(2))
+    w2 = torch.randn(E, Fh, D, generator=gen) / 5
+    with torch.no_grad():
+        out, _ = layer_calls(get_backend("torch"), x, idx, w_Tk, w1, w3, w2, may_pad=True)
+    ref, _ = layer_calls(ReferenceBackend(), x, idx, w_Tk, w1, w3, w2, may_pad=False)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_torch_backend_pads_only_where_the_caller_allows():
     backend = get_backend("torch")
     idx = torch.randint(0, 4, (600, 2))
