@@ -19,9 +19,11 @@ from moe_lm.data import get_tokenizer, open_run_data
 from moe_lm.errors import CheckpointError, MoeLMError
 from moe_lm.model import Transformer
 from moe_lm.training.objectives import ExtraObjectives
+from moe_lm.model.moe import MoEStats
 from moe_lm.model.routers import Router
 from moe_lm.parallel import build_mesh, clip_grad_norm_, init_on_device, parallelize, validate_layout
 from moe_lm.parallel.mesh import data_parallel_coords
+from moe_lm.parallel.pipeline import check_pipeline_run
 from moe_lm.parallel.tensor_parallel import check_tensor_parallel
 from moe_lm.parallel.precision import Precision
 from moe_lm.training import distributed as dist_utils
@@ -35,6 +37,7 @@ from moe_lm.training.metrics import MetricsLogger, RoutingAccumulator, score_bia
 from moe_lm.training.routing_monitor import RoutingMonitor, heatmap_path
 from moe_lm.training.sigterm import sigterm_sets
 from moe_lm.training.optim import build_optimizer, build_scheduler
+from moe_lm.training.pipeline_step import PipelineRunner
 from moe_lm.training.step import forward_backward
 from moe_lm.training.summary import end_summary, mixture_plan, mixture_seen, start_summary
 from moe_lm.training.trained_model import load_model_weights, resolve_checkpoint
@@ -67,7 +70,7 @@ class Trainer:
         self.device = resolve_device(cfg.trainer.device)
         if self.device.type == "cpu":
             keep_freed_cpu_memory()  # large CPU tensors reuse the heap instead of page faults
-        check_tensor_parallel(cfg)
+        check_tensor_parallel(cfg), check_pipeline_run(cfg)
         validate_layout(cfg.parallel, cfg.expert, dist_utils.world_size(), self.device.type)
         torch.manual_seed(cfg.trainer.seed)
         tokenizer = get_tokenizer(cfg.data.tokenizer)
@@ -83,11 +86,19 @@ class Trainer:
                              "tokenizer's) or at least that.")
         self.cfg, self.tokenizer = cfg, tokenizer
         self.precision = Precision.resolve(cfg.trainer.precision, self.device.type)
+        self.routing = RoutingAccumulator()
         self.mesh = build_mesh(cfg.parallel, self.device.type, cfg.expert)  # None: one process
         with torch.device("meta"):  # shapes only: each rank then allocates just its own shards
             self.model = Transformer(cfg.model, cfg.expert, cfg.loss)
-        parallelize(self.model, self.mesh, cfg, self.precision)
-        init_on_device(self.model, self.device, cfg.trainer.seed)  # same values for any layout
+        self.pipeline: PipelineRunner | None = None  # parallel.pp > 1: this rank's stages
+        if cfg.parallel.pp > 1:
+            self.pipeline = PipelineRunner(cfg, self.model, self.mesh, self.precision)
+            self.model = self.pipeline.parts  # the Transformer's names, this rank's weights
+            self.pipeline.build(self.device, cfg.trainer.seed)  # same values for any layout
+            self.routing.owner_group = self.pipeline.group
+        else:
+            parallelize(self.model, self.mesh, cfg, self.precision)
+            init_on_device(self.model, self.device, cfg.trainer.seed)  # same values, any layout
         if cfg.init.from_checkpoint and not list_checkpoints(self.run_dir, warn=False):
             self.start_from(resolve_checkpoint(cfg.init.from_checkpoint)[0])
         if cfg.trainer.compile:
@@ -98,7 +109,6 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
         self.train_data = self.data.train
         self.step, self.tokens_seen = 0, 0
-        self.routing = RoutingAccumulator()
         self.monitor = RoutingMonitor(cfg.trainer.monitor)
         self.stop_requested = False
         self._first_bad = torch.zeros((), dtype=torch.long, device=self.device)  # 0: all finite
@@ -174,17 +184,24 @@ class Trainer:
         sums: dict[str, Any] = {}  # the micro-steps' mean of every logged loss, by name
         step_loads: list[torch.Tensor] = []  # per MoE layer, tokens per expert over micro-steps
         extra = self.objectives if self.objectives.active else None
-        for _ in range(t.grad_accum):
-            batch = self.train_data.next_batch().to(self.device, non_blocking=True)
-            result = forward_backward(self.model, batch, self.precision, self.device.type, extra,
-                                      grad_divisor=t.grad_accum)
-            self.routing.add(result.out.moe_stats)
-            step_loads = [s.tokens_per_expert + (step_loads[i] if step_loads else 0)
-                          for i, s in enumerate(result.out.moe_stats)]
+        per_micro: list[list[MoEStats]] = []  # each micro-batch's MoE stats, by layer
+        if self.pipeline is not None:  # the schedule runs the step's microbatches
+            sums, per_micro = self.pipeline.train_step([self.next_batch()
+                                                        for _ in range(t.grad_accum)])
+        for _ in range(t.grad_accum if self.pipeline is None else 0):
+            result = forward_backward(self.model, self.next_batch(), self.precision,
+                                      self.device.type, extra, grad_divisor=t.grad_accum)
+            per_micro.append(result.out.moe_stats)
             for key, value in result.logs.items():
                 sums[key] = sums.get(key, 0.0) + value / t.grad_accum
+        for moe_stats in per_micro:
+            self.routing.add(moe_stats)
+            step_loads = [s.tokens_per_expert + (step_loads[i] if step_loads else 0)
+                          for i, s in enumerate(moe_stats)]
         self._loss_keys = tuple(sums)
-        grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)  # global
+        pp_group = self.pipeline.group if self.pipeline is not None else None
+        grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip,
+                                    pp_group=pp_group)  # of the whole model
         self.skip_update_if_nonfinite(sums["loss"], grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
@@ -198,6 +215,9 @@ class Trainer:
         # device tensors until `finish_row` reads them at a logging step: no host-device sync here
         return {"step": self.step, **sums, "lr": lr, "grad_norm": grad_norm,
                 "tokens": self.tokens_seen, "step_tokens": step_tokens}
+
+    def next_batch(self) -> torch.Tensor:
+        return self.train_data.next_batch().to(self.device, non_blocking=True)
 
     def skip_update_if_nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         """Makes the coming optimizer step a no-op if the (global) gradient norm is not finite.
@@ -260,7 +280,9 @@ class Trainer:
 
     def _val_loss(self, batches: Iterator[torch.Tensor]) -> float:
         total, n = torch.zeros((), device=self.device), 0
-        for batch in batches:
+        if self.pipeline is not None:  # through the stages; the last one's losses, on all ranks
+            total, n = self.pipeline.val_loss_sum([b.to(self.device) for b in batches])
+        for batch in (batches if self.pipeline is None else ()):
             batch = batch.to(self.device)
             with self.precision.autocast(self.device.type):
                 out = self.model(batch[:, :-1], batch[:, 1:], return_logits=False)
@@ -272,8 +294,15 @@ class Trainer:
         return float(total / max(n, 1))
 
     def routers(self) -> list[Router]:
-        """The MoE layers' routers, in layer order (the order of `ModelOutput.moe_stats`)."""
+        """This rank's MoE layers' routers, in layer order (the order of `ModelOutput.moe_stats`;
+        under pp those of this rank's stages: `moe_ids` gives their index in the whole model)."""
         return [m for m in self.model.modules() if isinstance(m, Router)]
+
+    @property
+    def moe_ids(self) -> list[int]:
+        if self.pipeline is None:
+            return list(range(len(self.routers())))
+        return [self.model.moe_index[k] for k, b in self.model.layers.items() if b.is_moe]
 
     @torch.no_grad()
     def balance_routers(self, loads: list[torch.Tensor]) -> None:
@@ -284,8 +313,15 @@ class Trainer:
         load_LE = torch.stack(loads).float()
         if dist_utils.is_initialized():
             torch.distributed.all_reduce(load_LE)
-        for router, load_E in zip(self.routers(), load_LE):
-            router.update_score_bias(load_E, rate)
+        for router, i in zip(self.routers(), self.moe_ids):
+            router.update_score_bias(load_LE[i], rate)
+
+    def score_biases(self) -> list[torch.Tensor]:
+        """Every MoE layer's selection bias (under pp gathered from the stages that hold them)."""
+        biases = [r.score_bias for r in self.routers()]
+        if self.pipeline is None:
+            return biases
+        return self.pipeline.whole_model(biases, self.moe_ids)
 
     def plot_routing(self, logger: MetricsLogger) -> None:
         """The expert-load heatmap PNG of the run so far, also sent to wandb (rank 0)."""
@@ -314,7 +350,7 @@ class Trainer:
                     row = self.finish_row(row)
                     row.update(self.routing.metrics())
                     if self.cfg.expert.bias_update_rate > 0:
-                        row.update(score_bias_metrics([r.score_bias for r in self.routers()]))
+                        row.update(score_bias_metrics(self.score_biases()))
                     logger.log(row)
                     logger.console(row)
                     for alert in self.monitor.observe(row):
