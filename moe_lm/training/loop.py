@@ -36,16 +36,13 @@ from moe_lm.training.resume import fresh_hparams, pick_resume_checkpoint, reappl
 from moe_lm.training.metrics import MetricsLogger, RoutingAccumulator, score_bias_metrics
 from moe_lm.training.routing_monitor import RoutingMonitor, heatmap_path
 from moe_lm.training.sigterm import sigterm_sets
+from moe_lm.training.nonfinite import NonFiniteGuard, TrainingError
 from moe_lm.training.optim import build_optimizer, build_scheduler
 from moe_lm.training.pipeline_step import PipelineRunner
 from moe_lm.training.step import forward_backward
 from moe_lm.training.summary import end_summary, mixture_plan, mixture_seen, start_summary
 from moe_lm.training.trained_model import load_model_weights, resolve_checkpoint
 from moe_lm.training.warm_start import warm_start_config
-
-
-class TrainingError(MoeLMError):
-    """The run cannot go on (e.g. a non-finite loss)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -58,7 +55,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class Trainer:
+class Trainer(NonFiniteGuard):
     """Holds one run's model, optimizer, data and logger; `fit()` trains to the end."""
 
     def __init__(self, cfg: TrainConfig, run_dir: Path,
@@ -111,8 +108,7 @@ class Trainer:
         self.step, self.tokens_seen = 0, 0
         self.monitor = RoutingMonitor(cfg.trainer.monitor)
         self.stop_requested = False
-        self._first_bad = torch.zeros((), dtype=torch.long, device=self.device)  # 0: all finite
-        self._bad_values: torch.Tensor | None = None  # (loss, grad norm) of the first bad step
+        self.reset_nonfinite()
         self._last_logged = (0, time.time())  # (step, wall time) of the last logged row
         self._loss_keys: tuple[str, ...] = ()  # names of the losses in train_step's rows
 
@@ -218,40 +214,6 @@ class Trainer:
 
     def next_batch(self) -> torch.Tensor:
         return self.train_data.next_batch().to(self.device, non_blocking=True)
-
-    def skip_update_if_nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        """Makes the coming optimizer step a no-op if the (global) gradient norm is not finite.
-
-        The fused AdamW skips its update on device when `found_inf` is set (the mechanism
-        GradScaler uses), so the check needs no host-device sync; `check_finite` raises at the
-        next logging step. Other optimizers are checked here, at once."""
-        bad = ~torch.isfinite(grad_norm.detach()) | ~torch.isfinite(loss.detach())
-        if not self.optimizer.defaults.get("fused"):
-            self._first_bad = torch.where(bad, self.step + 1, 0)
-            self._bad_values = torch.stack([loss.detach().float(), grad_norm.detach().float()])
-            self.check_finite()
-            return
-        # the norm is global, so every rank skips the same steps; a rank's own loss only adds
-        # to the error's text
-        self.optimizer.found_inf = (~torch.isfinite(grad_norm.detach())).float()
-        first_bad = torch.where(bad & (self._first_bad == 0), self.step + 1, self._first_bad)
-        if self._bad_values is None:
-            self._bad_values = torch.zeros(2, device=grad_norm.device)
-        values = torch.stack([loss.detach().float(), grad_norm.detach().float()])
-        self._bad_values = torch.where(first_bad != self._first_bad, values, self._bad_values)
-        self._first_bad = first_bad
-
-    def check_finite(self) -> None:
-        """Raises if a step since the start had a non-finite loss or gradient norm (syncs)."""
-        first = int(self._first_bad)
-        if not dist_utils.any_rank_true(first > 0, self.device):
-            return
-        loss, norm = (self._bad_values.tolist() if first else (float("nan"), float("nan")))
-        step = first or "(on another rank)"
-        raise TrainingError(
-            f"Non-finite loss or gradient norm at step {step} (loss {loss}, grad norm {norm}); "
-            "the optimizer step was not taken. Lower optim.lr, raise optim.warmup_steps or use "
-            "trainer.precision=fp32, then resume from the last checkpoint.")
 
     def finish_row(self, row: dict[str, Any]) -> dict[str, Any]:
         """A `train_step` row as logged: losses averaged over ranks, floats, measured speed."""
@@ -389,7 +351,7 @@ def run_training(cfg: TrainConfig, run_dir: Path,
     """
     cfg = warm_start_config(cfg)  # init.from_checkpoint: the checkpoint's model and tokenizer
     device_type = resolve_device(cfg.trainer.device).type
-    check_tensor_parallel(cfg)
+    check_tensor_parallel(cfg), check_pipeline_run(cfg)
     validate_layout(cfg.parallel, cfg.expert, dist_utils.launched_world_size()
                     if not dist_utils.is_initialized() else dist_utils.world_size(), device_type)
     created = dist_utils.init_from_env(device_type, cfg.trainer.collective_timeout_s)
