@@ -117,6 +117,14 @@ def test_pipeline_checkpoint_resumes_with_tensor_parallel(tmp_path, pipe_run, re
 
 
 @pytest.mark.slow
+def test_tensor_parallel_checkpoint_resumes_in_a_pipeline(tmp_path, reference, pipe_overrides):
+    _torchrun(tmp_path, [*pipe_overrides, "parallel.tp=2", "trainer.stop_at=3"])
+    proc = _torchrun(tmp_path, [*pipe_overrides, "parallel.pp=2"])
+    assert "resumed from" in proc.stdout + proc.stderr
+    _assert_same_run(tmp_path, reference, what="tp=2 -> pp=2")
+
+
+@pytest.mark.slow
 def test_interleaved_pipeline_equals_single_process(tmp_path, pipe_overrides):
     """Interleaved1F1B: 4 stages of one block, 2 per rank (looped placement)."""
     overrides = [*pipe_overrides, "model.n_layers=4"]
@@ -131,11 +139,14 @@ def test_interleaved_pipeline_equals_single_process(tmp_path, pipe_overrides):
 
 @pytest.mark.slow
 def test_pipeline_2_with_expert_parallel_2_equals_single_process(tmp_path, pipe_overrides):
-    """4 processes: 2 stages, each split over 2 EP ranks that read half the batch each."""
+    """4 processes: 2 stages, each split over 2 EP ranks that read half the batch each (dense
+    weights FSDP-sharded over them); full activation checkpointing on the way (it changes
+    memory, never the numbers)."""
     overrides = [o for o in pipe_overrides if not o.startswith("data.batch_size")]
     train_in_process(tmp_path / "single", [*overrides, "data.batch_size=8"])
     _torchrun(tmp_path / "pp2ep2", [*overrides, "data.batch_size=4", "parallel.pp=2",
-                                    "parallel.ep=2"], nproc=4)
+                                    "parallel.ep=2", "trainer.activation_checkpointing=full"],
+              nproc=4)
     _assert_same_run(tmp_path / "pp2ep2", tmp_path / "single", what="pp=2 x ep=2")
     assert _routing(tmp_path / "pp2ep2") == _routing(tmp_path / "single")
 
