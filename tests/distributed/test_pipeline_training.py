@@ -16,9 +16,12 @@ import shutil
 import pytest
 
 from moe_lm.errors import ConfigError
+from moe_lm.training.checkpoint import list_checkpoints
 from tests.conftest import read_metrics, train_losses
-from tests.distributed.helpers import STEPS, assert_losses_close, grad_norms, torchrun_train
+from tests.distributed.helpers import (STEPS, assert_losses_close, grad_norms, spawn_ranks,
+                                       torchrun_train)
 from tests.distributed.test_layout_errors import no_model_allocation  # noqa: F401 (fixture)
+from tests.distributed.workers import train_rank
 from tests.training.helpers import train_in_process
 
 pytestmark = pytest.mark.distributed
@@ -157,6 +160,28 @@ def test_pipeline_2_with_expert_parallel_2_equals_single_process(tmp_path, pipe_
     norms, want = grad_norms(got), grad_norms(single)
     print("pp=2 x ep=2 vs one process: max |grad norm diff|",
           max(abs(norms[s] - want[s]) for s in want))
+
+
+@pytest.mark.slow
+def test_pipeline_nan_on_the_last_stage_stops_both_before_the_step(tmp_path, pipe_overrides):
+    run = tmp_path / "run"
+    ranks = spawn_ranks(train_rank, (str(run), [*pipe_overrides, "parallel.pp=2"],
+                                     "pipeline_nan", 3), tmp_path / "out", timeout=300)
+    for r, result in enumerate(ranks):
+        assert not result["ok"] and result["type"] == "TrainingError", (r, result)
+        assert "step 3" in result["message"] and "optimizer step was not taken" in result["message"]
+    assert [row["step"] for row in read_metrics(run) if "loss" in row] == [1, 2]
+    assert list_checkpoints(run) == []  # nothing saved from the poisoned step
+
+
+@pytest.mark.slow
+def test_pipeline_sigterm_on_one_rank_checkpoints_once_and_exits(tmp_path, pipe_overrides):
+    run = tmp_path / "run"
+    ranks = spawn_ranks(train_rank, (str(run), [*pipe_overrides, "parallel.pp=2"],
+                                     "pipeline_sigterm", 2), tmp_path / "out", timeout=300)
+    assert all(r["ok"] for r in ranks), ranks
+    assert [c.step for c in list_checkpoints(run)] == [2]
+    assert max(row["step"] for row in read_metrics(run)) == 2
 
 
 @pytest.mark.parametrize("change, match", [
