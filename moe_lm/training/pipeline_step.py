@@ -70,7 +70,8 @@ class PipelineRunner:
         micro = (t.grad_accum * d.batch_size // self.n, d.seq_len + 1)
         self.schedule = build_schedule(self.stages, self.ids, par.pp, par.pp_schedule, self.n,
                                        micro, device, self.group)
-        self.eval_schedule = build_schedule(self.stages, self.ids, par.pp, par.pp_schedule,
+        self.eval_schedule = build_schedule(self.stages, self.ids, par.pp,
+                                            par.pp_schedule,
                                             self.n, (d.batch_size, d.seq_len + 1), device,
                                             self.group)
 

@@ -195,6 +195,10 @@ def test_pipeline_sigterm_on_one_rank_checkpoints_once_and_exits(tmp_path, pipe_
     (["parallel.pp=2", "parallel.tp=2"], r"parallel.pp=2 with parallel.tp=2 is not supported"),
     (["parallel.pp=2", "model.tie_embeddings=true"], r"needs model.tie_embeddings=false"),
     (["parallel.pp=2", "trainer.compile=true"], r"trainer.compile=true with parallel.pp > 1"),
+    (["parallel.pp=2", "parallel.pp_schedule=ZBVZeroBubble", "model.n_layers=4"],
+     r"parallel.pp_schedule=ZBVZeroBubble does not run in the Trainer yet"),
+    (["parallel.pp=2", "parallel.pp_schedule=InterleavedZeroBubble", "model.n_layers=4"],
+     r"parallel.pp_schedule=InterleavedZeroBubble does not run in the Trainer yet"),
 ])
 def test_impossible_pipelines_fail_before_the_model(tmp_path, tiny_overrides, change, match,
                                                     no_model_allocation):  # noqa: F811
