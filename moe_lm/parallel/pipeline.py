@@ -39,11 +39,11 @@ from moe_lm.model.moe import MoEStats
 from moe_lm.model.transformer import Transformer, rotary_tables
 
 SCHEDULES = ("1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble")
-# the zero-bubble schedules equal one process on plain stages (the library tests), not yet inside
-# the Trainer's FSDP2 stages
+# the zero-bubble schedules: ZBVZeroBubble equals one process on plain stages (the library tests);
+# inside the Trainer (FSDP2 stages, its data and evaluation) they are not there yet
 TRAINER_REFUSED = {
-    "InterleavedZeroBubble": "its split weight-gradient pass gives other gradients than one "
-                             "process on the Trainer's FSDP2 stages",
+    "InterleavedZeroBubble": "it gives other gradients than one process in the Trainer (its "
+                             "split weight-gradient pass on FSDP2 stages is the suspect)",
     "ZBVZeroBubble": "torch's schedule cannot run the forward-only evaluation (the validation "
                      "loss), and its split weight-gradient pass is unverified on FSDP2 stages",
 }
