@@ -145,8 +145,9 @@ def test_pipeline_2_with_expert_parallel_2_equals_single_process(tmp_path, pipe_
     """4 processes: 2 stages, each split over 2 EP ranks that read half the batch each (dense
     weights FSDP-sharded over them); full activation checkpointing on the way (it changes
     memory, never the numbers). Losses and routing equal one process; the gradient norm equals
-    that of ep=2 without a pipeline (the same ranks' batches): with trainer.grad_accum=2, ep=2
-    itself differs from one process by up to ~3e-5 (relative) in the gradient norm."""
+    that of ep=2 without a pipeline (the same ranks' batches): 2 data-parallel ranks (ep=2 or
+    dp_shard=2 alike) differ from one process by up to ~3e-5 (relative) in the gradient norm
+    here (experiments/results/pipeline_training_2026-12-02.md)."""
     overrides = [o for o in pipe_overrides if not o.startswith("data.batch_size")]
     train_in_process(tmp_path / "single", [*overrides, "data.batch_size=8"])
     per_rank = [*overrides, "data.batch_size=4", "parallel.ep=2"]
