@@ -67,15 +67,17 @@ class LossConfig:
 
 @dataclass
 class ParallelConfig:
-    """Device mesh: FSDP sharding, expert parallel and replicated data parallel degrees."""
+    """Device mesh: pipeline, FSDP sharding, expert parallel, replicated data parallel and tensor
+    parallel degrees."""
 
     dp_shard: int = 1
     ep: int = 1
     dp_replicate: int = 1
     tp: int = 1  # tensor parallel degree (attention, dense MLPs, shared experts; sequence parallel)
-    pp: int = 1  # pipeline ranks (moe_lm.parallel.pipeline; the Trainer runs pp=1 so far)
-    pp_schedule: str = "1F1B"  # 1F1B | Interleaved1F1B | InterleavedZeroBubble | ZBVZeroBubble
-    pp_microbatches: int = 0  # microbatches per step under pp (0: one per pipeline rank)
+    pp: int = 1  # pipeline ranks (moe_lm.parallel.pipeline, outermost mesh dim)
+    # 1F1B | Interleaved1F1B (the Trainer); InterleavedZeroBubble | ZBVZeroBubble (library only)
+    pp_schedule: str = "1F1B"
+    pp_microbatches: int = 0  # microbatches per step under pp (0: one per trainer.grad_accum)
     pp_layers: Optional[List[int]] = None  # blocks per stage (None: an even split)
 
 

@@ -26,7 +26,7 @@ from moe_lm.config import TrainConfig
 from moe_lm.errors import ConfigError
 from moe_lm.parallel.checkpointing import apply_activation_checkpointing
 from moe_lm.parallel.expert_parallel import ExpertParallelDispatcher, distribute_experts
-from moe_lm.parallel.mesh import data_parallel_size, dense_mesh, expert_fsdp_mesh
+from moe_lm.parallel.mesh import data_parallel_size, dense_mesh, expert_fsdp_mesh, stage_group
 from moe_lm.parallel.precision import Precision
 from moe_lm.parallel.tensor_parallel import (apply_tensor_parallel, check_tensor_parallel,
                                              fsdp_shard_dim)
@@ -81,7 +81,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: TrainConfig,
                 moe.experts.set_gradient_divide_factor(float(world))
                 if sum_only and dp_shard > 1:  # (with one shard torch already divides once)
                     moe.experts.set_force_sum_reduction_for_comms(True)
-            moe.set_dispatcher(ExpertParallelDispatcher(moe.cfg.num_experts, dist.group.WORLD,
+            moe.set_dispatcher(ExpertParallelDispatcher(moe.cfg.num_experts, stage_group(mesh),
                                                         ep_group))
         fully_shard(block, mesh=dense, mp_policy=mp, shard_placement_fn=placement)
     fully_shard(model, mesh=dense, mp_policy=mp, shard_placement_fn=placement)

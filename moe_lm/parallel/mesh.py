@@ -1,6 +1,8 @@
-"""The device mesh: `parallel.dp_replicate x dp_shard x ep x tp` ranks, checked first.
+"""The device mesh: `parallel.pp x dp_replicate x dp_shard x ep x tp` ranks, checked first.
 
-Every rank of a tensor-parallel group (`tp`, the innermost dim: neighbouring ranks, fast links)
+`pp` is the outermost dim: pipeline rank p holds ranks [p * W/pp, (p+1) * W/pp), each a complete
+`dp_replicate x dp_shard x ep x tp` mesh of its stage(s) (moe_lm.parallel.pipeline); the ranks of
+one stage are its data-parallel world (the balance loss, EP and FSDP never cross stages). Every rank of a tensor-parallel group (`tp`, the innermost dim: neighbouring ranks, fast links)
 works on the same slice of the batch; the data-parallel degree is the world over tp.
 Parameters are laid out over the mesh like this:
 
@@ -29,13 +31,14 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from moe_lm.config import ExpertConfig, ParallelConfig
 from moe_lm.errors import ConfigError
 
-MESH_DIMS = ("dp_replicate", "dp_shard", "ep", "tp")
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "ep", "tp")
 DENSE_SHARD_DIM = "dp_shard_ep"  # dp_shard and ep flattened: what dense weights shard over
+STAGE_DIM = "stage"  # all dims but pp flattened: the ranks of one pipeline stage (pp > 1 only)
 
 
-def mesh_shape(parallel: ParallelConfig) -> tuple[int, int, int, int]:
-    """(dp_replicate, dp_shard, ep, tp), the mesh shape in MESH_DIMS order."""
-    return (parallel.dp_replicate, parallel.dp_shard, parallel.ep, parallel.tp)
+def mesh_shape(parallel: ParallelConfig) -> tuple[int, int, int, int, int]:
+    """(pp, dp_replicate, dp_shard, ep, tp), the mesh shape in MESH_DIMS order."""
+    return (parallel.pp, parallel.dp_replicate, parallel.dp_shard, parallel.ep, parallel.tp)
 
 
 def validate_layout(parallel: ParallelConfig, expert: ExpertConfig, world_size: int,
@@ -45,23 +48,24 @@ def validate_layout(parallel: ParallelConfig, expert: ExpertConfig, world_size: 
     Checks: the mesh product equals the world size, the experts split evenly over `ep`, and no
     CUDA-only setting is asked of a CPU run. Call it before allocating anything.
     """
-    r, s, e, t = mesh_shape(parallel)
-    if min(r, s, e, t) < 1:
-        raise ConfigError(f"parallel.dp_replicate={r}, parallel.dp_shard={s}, parallel.ep={e} "
-                          f"and parallel.tp={t} must all be >= 1.")
-    if parallel.pp != 1:
-        raise ConfigError(f"parallel.pp={parallel.pp}: the training loop does not run pipeline "
-                          "stages yet (moe_lm.parallel.pipeline builds and schedules them); set "
-                          "parallel.pp=1 and split the model with parallel.tp, parallel.dp_shard "
-                          "and parallel.ep instead.")
-    if r * s * e * t != world_size:
-        hint = (f" (e.g. parallel.dp_shard={world_size // (r * e * t)})"
-                if world_size % (r * e * t) == 0 else "")
+    p, r, s, e, t = mesh_shape(parallel)
+    if min(p, r, s, e, t) < 1:
+        raise ConfigError(f"parallel.pp={p}, parallel.dp_replicate={r}, parallel.dp_shard={s}, "
+                          f"parallel.ep={e} and parallel.tp={t} must all be >= 1.")
+    if p > 1 and t > 1:  # sequence-parallel activations would cross the stage boundaries
+        raise ConfigError(f"parallel.pp={p} with parallel.tp={t} is not supported yet: choose "
+                          "one of them (pp composes with dp_replicate, dp_shard and ep; a "
+                          "checkpoint saved under pp resumes under tp and back).")
+    if p * r * s * e * t != world_size:
+        hint = (f" (e.g. parallel.dp_shard={world_size // (p * r * e * t)})"
+                if world_size % (p * r * e * t) == 0 else "")
+        pp_text = f"parallel.pp={p} x " if p > 1 else ""
         tp_text = f" x parallel.tp={t}" if t > 1 else ""
+        n = p * r * s * e * t
         raise ConfigError(
-            f"The mesh parallel.dp_replicate={r} x parallel.dp_shard={s} x parallel.ep={e}"
-            f"{tp_text} = {r * s * e * t} ranks, but this run has {world_size} process(es). Make "
-            f"the product equal the world size{hint}, or launch {r * s * e * t} processes "
+            f"The mesh {pp_text}parallel.dp_replicate={r} x parallel.dp_shard={s} x parallel.ep="
+            f"{e}{tp_text} = {n} ranks, but this run has {world_size} process(es). Make the "
+            f"product equal the world size{hint}, or launch {n} processes "
             "(torchrun --nproc_per_node=N, x nodes).")
     if expert.num_experts % e != 0:
         raise ConfigError(
@@ -78,7 +82,7 @@ def validate_layout(parallel: ParallelConfig, expert: ExpertConfig, world_size: 
 
 def build_mesh(parallel: ParallelConfig, device_type: str,
                expert: ExpertConfig | None = None) -> DeviceMesh | None:
-    """The 4-D DeviceMesh ("dp_replicate", "dp_shard", "ep", "tp") over the default process group.
+    """The 5-D DeviceMesh (MESH_DIMS) over the default process group.
 
     Returns None for a single process (nothing to shard). Works with any backend, including
     torch's fake process group (planning a large world inside one process). With `expert`, the
@@ -89,12 +93,22 @@ def build_mesh(parallel: ParallelConfig, device_type: str,
         validate_layout(parallel, expert, world, device_type)
     elif world != math.prod(mesh_shape(parallel)):
         raise ConfigError(f"The mesh {mesh_shape(parallel)} does not match the world size "
-                          f"{world}; make dp_replicate x dp_shard x ep x tp equal it.")
+                          f"{world}; make pp x dp_replicate x dp_shard x ep x tp equal it.")
     if world == 1:
         return None
     mesh = init_device_mesh(device_type, mesh_shape(parallel), mesh_dim_names=MESH_DIMS)
     mesh["dp_shard", "ep"]._flatten(DENSE_SHARD_DIM)  # created once, on every rank, together
+    if parallel.pp > 1:
+        mesh["dp_replicate", "dp_shard", "ep", "tp"]._flatten(STAGE_DIM)
     return mesh
+
+
+def stage_group(mesh: DeviceMesh) -> dist.ProcessGroup:
+    """The ranks that hold the same pipeline stage(s) (the whole world without pp): those whose
+    routing counts the balance loss sees together."""
+    if mesh["pp"].size() == 1:
+        return dist.group.WORLD
+    return mesh[STAGE_DIM].get_group()
 
 
 def dense_mesh(mesh: DeviceMesh) -> DeviceMesh:
@@ -114,14 +128,17 @@ def expert_fsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:
 
 
 def data_parallel_size(mesh: DeviceMesh | None) -> int:
-    """How many ranks split the batch: the whole mesh over tp (a tp group reads one slice)."""
-    return 1 if mesh is None else mesh.size() // mesh["tp"].size()
+    """How many ranks split the batch: the whole mesh over pp x tp (a tp group reads one slice,
+    the stages of a pipeline pass it along)."""
+    return 1 if mesh is None else mesh.size() // (mesh["tp"].size() * mesh["pp"].size())
 
 
 def data_parallel_coords(parallel: ParallelConfig, rank: int, world: int) -> tuple[int, int]:
     """(which slice of the batch this rank reads, how many slices): the ranks of one tp group
-    (the innermost mesh dim, consecutive ranks) read the same slice."""
-    return rank // parallel.tp, max(world // parallel.tp, 1)
+    (the innermost mesh dim, consecutive ranks) read the same slice, and so do the pipeline
+    ranks (the outermost dim) of one data-parallel coordinate."""
+    per_stage = max(world // parallel.pp, 1)
+    return (rank % per_stage) // parallel.tp, max(per_stage // parallel.tp, 1)
 
 
 def device_type_for(device: torch.device | str) -> str:

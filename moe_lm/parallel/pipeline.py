@@ -24,18 +24,29 @@ The schedules are torch's (`get_schedule_class`): 1F1B, Interleaved1F1B, Interle
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (PipelineScheduleMulti,
                                                     get_schedule_class)
 
-from moe_lm.config import ModelConfig
+from moe_lm.config import ModelConfig, TrainConfig
 from moe_lm.errors import ConfigError
 from moe_lm.model.losses import fused_linear_cross_entropy
+from moe_lm.model.moe import MoEStats
 from moe_lm.model.transformer import Transformer, rotary_tables
 
 SCHEDULES = ("1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble")
+# the zero-bubble schedules: ZBVZeroBubble equals one process on plain stages (the library tests);
+# inside the Trainer (FSDP2 stages, its data and evaluation) they are not there yet
+TRAINER_REFUSED = {
+    "InterleavedZeroBubble": "it gives other gradients than one process in the Trainer (its "
+                             "split weight-gradient pass on FSDP2 stages is the suspect)",
+    "ZBVZeroBubble": "torch's schedule cannot run the forward-only evaluation (the validation "
+                     "loss), and its split weight-gradient pass is unverified on FSDP2 stages",
+}
 
 
 def stages_per_rank(schedule: str) -> int:
@@ -80,6 +91,48 @@ def check_pipeline(model: ModelConfig, pp: int, schedule: str, microbatches: int
                           "on the first stage, the LM head on the last.")
 
 
+def step_microbatches(cfg: TrainConfig) -> int:
+    """Microbatches per optimizer step under pp: parallel.pp_microbatches, or (0) one per
+    trainer.grad_accum micro-batch, so that the step equals gradient accumulation exactly."""
+    return cfg.parallel.pp_microbatches or cfg.trainer.grad_accum
+
+
+def check_pipeline_run(cfg: TrainConfig) -> None:
+    """Raises ConfigError for a training config that `parallel.pp > 1` cannot run (before
+    allocating anything): the pipeline itself, how the step's batch splits into microbatches,
+    and the features that do not run inside pipeline stages yet."""
+    par, t = cfg.parallel, cfg.trainer
+    if par.pp < 1:
+        raise ConfigError(f"parallel.pp={par.pp} must be >= 1 (1 = no pipeline).")
+    if par.pp == 1:
+        return
+    n = step_microbatches(cfg)
+    check_pipeline(cfg.model, par.pp, par.pp_schedule, n, par.pp_layers)
+    if par.pp_schedule in TRAINER_REFUSED:
+        raise ConfigError(
+            f"parallel.pp_schedule={par.pp_schedule} does not run in the Trainer yet: "
+            f"{TRAINER_REFUSED[par.pp_schedule]}. Use 1F1B or Interleaved1F1B.")
+    rows = t.grad_accum * cfg.data.batch_size
+    if rows % n:
+        raise ConfigError(
+            f"parallel.pp_microbatches={n} does not divide the step's trainer.grad_accum="
+            f"{t.grad_accum} x data.batch_size={cfg.data.batch_size} = {rows} sequences per rank: "
+            "every microbatch must hold the same number. Choose a divisor (0: one microbatch per "
+            "grad_accum micro-batch).")
+    if stages_per_rank(par.pp_schedule) > 1 and n % max(1, n // par.pp):
+        raise ConfigError(
+            f"parallel.pp_schedule={par.pp_schedule} needs parallel.pp_microbatches={n} to be a "
+            f"multiple of its rounds ({n // par.pp}): use a multiple of parallel.pp={par.pp}.")
+    off = {"loss.distill_coef > 0": cfg.loss.distill_coef > 0,
+           "loss.mtp_coef > 0": cfg.loss.mtp_coef > 0, "trainer.compile=true": t.compile,
+           "trainer.eval_tasks": bool(t.eval_tasks)}
+    bad = [k for k, v in off.items() if v]
+    if bad:
+        raise ConfigError(
+            f"{', '.join(bad)} with parallel.pp > 1 is not supported yet (it needs the whole "
+            "model on one rank): turn it off, or train with parallel.pp=1.")
+
+
 def split_layers(n_layers: int, n_stages: int, layers: list[int] | None) -> list[range]:
     """The blocks of each stage: `layers` (blocks per stage) or an even split (earlier stages
     take the remainder)."""
@@ -89,9 +142,22 @@ def split_layers(n_layers: int, n_stages: int, layers: list[int] | None) -> list
     return [range(s, s + c) for s, c in zip(starts, counts)]
 
 
+class Blocks(nn.ModuleDict):
+    """Some of a Transformer's blocks under their own indices ("layers.<i>" stays the name);
+    iterates over the blocks, as the Transformer's ModuleList does (activation checkpointing,
+    FSDP and the Trainer walk `model.layers`)."""
+
+    def __iter__(self):
+        return iter(self.values())
+
+
 class StageModule(nn.Module):
     """One pipeline stage of a Transformer: its blocks, plus the embedding on the first stage and
-    the final norm and LM head on the last, under the Transformer's own names."""
+    the final norm and LM head on the last, under the Transformer's own names.
+
+    Each forward appends (MoE layer index in the whole model, stats) of its MoE layers to
+    `recorded` (the Trainer's routing metrics and aux-free balancing read and clear it);
+    `autocast` is the context the forward runs in (the run's precision)."""
 
     def __init__(self, model: Transformer, blocks: range, first: bool, last: bool,
                  term_coefs: dict[str, float], n_moe_layers: int):
@@ -101,9 +167,13 @@ class StageModule(nn.Module):
         self.coefs = [term_coefs[n] for n in self.term_names]  # floats: no meta-built buffer
         self.n_moe_layers = max(n_moe_layers, 1)
         self.embed = model.embed if first else None
-        self.layers = nn.ModuleDict({str(i): model.layers[i] for i in blocks})
+        self.layers = Blocks({str(i): model.layers[i] for i in blocks})
         self.norm = model.norm if last else None
         self.lm_head = model.lm_head if last else None
+        moe_ids = [i for i, b in enumerate(model.layers) if b.is_moe]
+        self.moe_index = {str(i): moe_ids.index(i) for i in blocks if i in moe_ids}
+        self.recorded: list[tuple[int, MoEStats]] = []
+        self.autocast = nullcontext
 
     init_weights = Transformer.init_weights  # the same rules, by name
 
@@ -111,13 +181,18 @@ class StageModule(nn.Module):
         return list(self.layers.values())
 
     def forward(self, x, terms_N=None, targets_BS=None):
+        with self.autocast():
+            return self._forward(x, terms_N, targets_BS)
+
+    def _forward(self, x, terms_N, targets_BS):
         if self.first:  # x: the (B, S+1) token batch
             x, targets_BS = self.embed(x[:, :-1]), x[:, 1:].contiguous()  # contiguous: sent
             terms_N = torch.zeros(len(self.term_names), device=x.device)
         rope_SF2 = rotary_tables(x.shape[1], self.cfg.head_width, self.cfg.rope_theta, x.device)
-        for layer in self.layers.values():
+        for key, layer in self.layers.items():
             x, stats = layer(x, rope_SF2, None)
             if stats is not None:
+                self.recorded.append((self.moe_index[key], stats))
                 terms_N = terms_N + torch.stack(
                     [stats.terms[n].value.float() for n in self.term_names]) / self.n_moe_layers
         if not self.last:
@@ -126,6 +201,26 @@ class StageModule(nn.Module):
         lm_loss = fused_linear_cross_entropy(h_ND, self.lm_head.weight, targets_BS.flatten())
         total = lm_loss + (terms_N * torch.tensor(self.coefs, device=x.device)).sum()
         return torch.cat([total.reshape(1), lm_loss.reshape(1).float(), terms_N])
+
+
+class PipelineParts(nn.Module):
+    """What one pipeline rank holds of a Transformer (the blocks of all its stages, and embedding,
+    final norm and LM head where its stages have them), under the Transformer's names: the
+    optimizer, the seeded init and the checkpoints (fully qualified names) see this module, so
+    they do not depend on the staging. `stages` run it (they share these submodules)."""
+
+    def __init__(self, model: Transformer, stages: list[StageModule]):
+        super().__init__()
+        self.cfg = model.cfg
+        self.stages = list(stages)  # a plain list: no second name for any weight
+        self.embed = model.embed if any(s.first for s in stages) else None
+        blocks = {k: b for s in stages for k, b in s.layers.items()}
+        self.layers = Blocks({k: blocks[k] for k in sorted(blocks, key=int)})
+        self.norm = model.norm if any(s.last for s in stages) else None
+        self.lm_head = model.lm_head if any(s.last for s in stages) else None
+        self.moe_index = {k: i for s in stages for k, i in s.moe_index.items()}
+
+    init_weights = Transformer.init_weights  # the same rules, by name
 
 
 def term_coefs(model: Transformer) -> dict[str, float]:
@@ -186,9 +281,10 @@ def build_schedule(modules: list[StageModule], ids: list[int], pp: int, schedule
 
 
 def pipeline_step(schedule, stage_modules: list[StageModule], batch_BS1: torch.Tensor,
-                  backward: bool = True) -> torch.Tensor | None:
+                  backward: bool = True, mean: bool = True) -> torch.Tensor | None:
     """One pipelined forward (+ backward) of the whole batch over the microbatches. Returns the
-    microbatches' mean [total, lm_loss, terms...] on the rank holding the last stage, else None."""
+    microbatches' mean [total, lm_loss, terms...] (`mean=False`: one row per microbatch) on the
+    rank holding the last stage, else None."""
     first = any(m.first for m in stage_modules)
     args = (batch_BS1,) if first else ()
     dummy = torch.zeros(batch_BS1.shape[0], 1)  # the loss needs no target: it rides along
@@ -196,5 +292,5 @@ def pipeline_step(schedule, stage_modules: list[StageModule], batch_BS1: torch.T
     out = run(*args, target=dummy)
     if not any(m.last for m in stage_modules):
         return None
-    return out.reshape(-1, out.shape[-1] if out.dim() > 1 else 2 + len(
-        stage_modules[-1].term_names)).mean(0)
+    rows = out.reshape(-1, 2 + len(stage_modules[-1].term_names))
+    return rows.mean(0) if mean else rows

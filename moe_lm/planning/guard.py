@@ -55,19 +55,19 @@ def required_state_bytes_per_rank(cfg: TrainConfig, vocab_size: int) -> tuple[in
         model = replace(model, vocab_size=vocab_size)
     total = count_params(model, cfg.expert)["total"]
     p = cfg.parallel  # a lower bound under tp, whose ranks replicate the routed experts
-    return total, total * STATE_BYTES_PER_PARAM // (p.dp_shard * p.ep * p.tp)
+    return total, total * STATE_BYTES_PER_PARAM // (p.pp * p.dp_shard * p.ep * p.tp)
 
 
 def check_launch(cfg: TrainConfig, overrides: list[str], hw: Hardware,
                  vocab_size: int = 100277) -> None:
     """Raises LaunchError when `hw` cannot run `cfg`; returns quietly when it can."""
     p = cfg.parallel
-    world = p.dp_replicate * p.dp_shard * p.ep * p.tp
+    world = p.pp * p.dp_replicate * p.dp_shard * p.ep * p.tp
     params, state = required_state_bytes_per_rank(cfg, vocab_size)
     wants_cuda = cfg.trainer.device == "cuda"
     problems = []
     if hw.world_size != world:
-        problems.append(f"{world} processes (mesh dp_replicate {p.dp_replicate} x dp_shard "
+        problems.append(f"{world} processes (mesh pp {p.pp} x dp_replicate {p.dp_replicate} x dp_shard "
                         f"{p.dp_shard} x ep {p.ep} x tp {p.tp}), has {hw.world_size}")
     if wants_cuda and hw.device_type != "cuda":
         problems.append("CUDA GPUs (trainer.device=cuda), has none")

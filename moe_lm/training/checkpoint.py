@@ -29,6 +29,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -46,6 +47,12 @@ TMP_PREFIX = ".tmp_"
 PRUNING_PREFIX = ".pruning_"
 SUPERSEDED_PREFIX = "superseded_"
 FULL_DISK_BYTES = 16 * 2**20  # less free space than this when a save fails: the disk is full
+
+
+# optimizer state keyed by parameter name (`optim.state.<fqn>.<key>`, `optim.param_groups.<fqn>.
+# <key>`): every rank saves the entries of its own parameters, so a pipeline rank's share (which
+# holds some of the parameters only) is a part of the one-process checkpoint, and back
+FLAT_OPTIM = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 @dataclass
@@ -120,7 +127,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
 def _write_files(tmp: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                  trainer_state: dict[str, Any]) -> None:
     state = {"model": get_model_state_dict(model),
-             "optim": get_optimizer_state_dict(model, optimizer)}
+             "optim": get_optimizer_state_dict(model, optimizer, options=FLAT_OPTIM)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         dcp.save(state, checkpoint_id=str(tmp))  # its FileSystemWriter fsyncs each file
@@ -342,17 +349,24 @@ def check_identity(ckpt: Checkpoint, identity: dict[str, Any]) -> None:
             "another directory (hydra.run.dir=...).")
 
 
+def _flat_optim(path: Path) -> bool:
+    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return not any(k.startswith("optim.param_groups.0.") for k in keys)
+
+
 def load_checkpoint(ckpt: Checkpoint, model: nn.Module,
                     optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Loads model and optimizer in place (any layout: DCP reshards) and returns trainer state."""
-    state = {"model": get_model_state_dict(model),
-             "optim": get_optimizer_state_dict(model, optimizer)}
     try:
+        # checkpoints written before the flat layout index the param groups by number
+        options = FLAT_OPTIM if _flat_optim(ckpt.path) else StateDictOptions()
+        state = {"model": get_model_state_dict(model),
+                 "optim": get_optimizer_state_dict(model, optimizer, options=options)}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(state, checkpoint_id=str(ckpt.path))
         set_model_state_dict(model, state["model"])
-        set_optimizer_state_dict(model, optimizer, state["optim"])
+        set_optimizer_state_dict(model, optimizer, state["optim"], options=options)
         trainer_state = torch.load(ckpt.path / "trainer_state.pt", weights_only=False)
     # DCP raises many types for corrupt files, CheckpointException (a BaseException) among them
     except (Exception, CheckpointException) as err:

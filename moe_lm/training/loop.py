@@ -19,9 +19,11 @@ from moe_lm.data import get_tokenizer, open_run_data
 from moe_lm.errors import CheckpointError, MoeLMError
 from moe_lm.model import Transformer
 from moe_lm.training.objectives import ExtraObjectives
+from moe_lm.model.moe import MoEStats
 from moe_lm.model.routers import Router
 from moe_lm.parallel import build_mesh, clip_grad_norm_, init_on_device, parallelize, validate_layout
 from moe_lm.parallel.mesh import data_parallel_coords
+from moe_lm.parallel.pipeline import check_pipeline_run
 from moe_lm.parallel.tensor_parallel import check_tensor_parallel
 from moe_lm.parallel.precision import Precision
 from moe_lm.training import distributed as dist_utils
@@ -34,15 +36,13 @@ from moe_lm.training.resume import fresh_hparams, pick_resume_checkpoint, reappl
 from moe_lm.training.metrics import MetricsLogger, RoutingAccumulator, score_bias_metrics
 from moe_lm.training.routing_monitor import RoutingMonitor, heatmap_path
 from moe_lm.training.sigterm import sigterm_sets
+from moe_lm.training.nonfinite import NonFiniteGuard, TrainingError
 from moe_lm.training.optim import build_optimizer, build_scheduler
+from moe_lm.training.pipeline_step import PipelineRunner
 from moe_lm.training.step import forward_backward
 from moe_lm.training.summary import end_summary, mixture_plan, mixture_seen, start_summary
 from moe_lm.training.trained_model import load_model_weights, resolve_checkpoint
 from moe_lm.training.warm_start import warm_start_config
-
-
-class TrainingError(MoeLMError):
-    """The run cannot go on (e.g. a non-finite loss)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -55,7 +55,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class Trainer:
+class Trainer(NonFiniteGuard):
     """Holds one run's model, optimizer, data and logger; `fit()` trains to the end."""
 
     def __init__(self, cfg: TrainConfig, run_dir: Path,
@@ -67,7 +67,7 @@ class Trainer:
         self.device = resolve_device(cfg.trainer.device)
         if self.device.type == "cpu":
             keep_freed_cpu_memory()  # large CPU tensors reuse the heap instead of page faults
-        check_tensor_parallel(cfg)
+        check_tensor_parallel(cfg), check_pipeline_run(cfg)
         validate_layout(cfg.parallel, cfg.expert, dist_utils.world_size(), self.device.type)
         torch.manual_seed(cfg.trainer.seed)
         tokenizer = get_tokenizer(cfg.data.tokenizer)
@@ -83,11 +83,19 @@ class Trainer:
                              "tokenizer's) or at least that.")
         self.cfg, self.tokenizer = cfg, tokenizer
         self.precision = Precision.resolve(cfg.trainer.precision, self.device.type)
+        self.routing = RoutingAccumulator()
         self.mesh = build_mesh(cfg.parallel, self.device.type, cfg.expert)  # None: one process
         with torch.device("meta"):  # shapes only: each rank then allocates just its own shards
             self.model = Transformer(cfg.model, cfg.expert, cfg.loss)
-        parallelize(self.model, self.mesh, cfg, self.precision)
-        init_on_device(self.model, self.device, cfg.trainer.seed)  # same values for any layout
+        self.pipeline: PipelineRunner | None = None  # parallel.pp > 1: this rank's stages
+        if cfg.parallel.pp > 1:
+            self.pipeline = PipelineRunner(cfg, self.model, self.mesh, self.precision)
+            self.model = self.pipeline.parts  # the Transformer's names, this rank's weights
+            self.pipeline.build(self.device, cfg.trainer.seed)  # same values for any layout
+            self.routing.owner_group = self.pipeline.group
+        else:
+            parallelize(self.model, self.mesh, cfg, self.precision)
+            init_on_device(self.model, self.device, cfg.trainer.seed)  # same values, any layout
         if cfg.init.from_checkpoint and not list_checkpoints(self.run_dir, warn=False):
             self.start_from(resolve_checkpoint(cfg.init.from_checkpoint)[0])
         if cfg.trainer.compile:
@@ -98,11 +106,9 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
         self.train_data = self.data.train
         self.step, self.tokens_seen = 0, 0
-        self.routing = RoutingAccumulator()
         self.monitor = RoutingMonitor(cfg.trainer.monitor)
         self.stop_requested = False
-        self._first_bad = torch.zeros((), dtype=torch.long, device=self.device)  # 0: all finite
-        self._bad_values: torch.Tensor | None = None  # (loss, grad norm) of the first bad step
+        self.reset_nonfinite()
         self._last_logged = (0, time.time())  # (step, wall time) of the last logged row
         self._loss_keys: tuple[str, ...] = ()  # names of the losses in train_step's rows
 
@@ -174,17 +180,24 @@ class Trainer:
         sums: dict[str, Any] = {}  # the micro-steps' mean of every logged loss, by name
         step_loads: list[torch.Tensor] = []  # per MoE layer, tokens per expert over micro-steps
         extra = self.objectives if self.objectives.active else None
-        for _ in range(t.grad_accum):
-            batch = self.train_data.next_batch().to(self.device, non_blocking=True)
-            result = forward_backward(self.model, batch, self.precision, self.device.type, extra,
-                                      grad_divisor=t.grad_accum)
-            self.routing.add(result.out.moe_stats)
-            step_loads = [s.tokens_per_expert + (step_loads[i] if step_loads else 0)
-                          for i, s in enumerate(result.out.moe_stats)]
+        per_micro: list[list[MoEStats]] = []  # each micro-batch's MoE stats, by layer
+        if self.pipeline is not None:  # the schedule runs the step's microbatches
+            sums, per_micro = self.pipeline.train_step([self.next_batch()
+                                                        for _ in range(t.grad_accum)])
+        for _ in range(t.grad_accum if self.pipeline is None else 0):
+            result = forward_backward(self.model, self.next_batch(), self.precision,
+                                      self.device.type, extra, grad_divisor=t.grad_accum)
+            per_micro.append(result.out.moe_stats)
             for key, value in result.logs.items():
                 sums[key] = sums.get(key, 0.0) + value / t.grad_accum
+        for moe_stats in per_micro:
+            self.routing.add(moe_stats)
+            step_loads = [s.tokens_per_expert + (step_loads[i] if step_loads else 0)
+                          for i, s in enumerate(moe_stats)]
         self._loss_keys = tuple(sums)
-        grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)  # global
+        pp_group = self.pipeline.group if self.pipeline is not None else None
+        grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip,
+                                    pp_group=pp_group)  # of the whole model
         self.skip_update_if_nonfinite(sums["loss"], grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
@@ -199,39 +212,8 @@ class Trainer:
         return {"step": self.step, **sums, "lr": lr, "grad_norm": grad_norm,
                 "tokens": self.tokens_seen, "step_tokens": step_tokens}
 
-    def skip_update_if_nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        """Makes the coming optimizer step a no-op if the (global) gradient norm is not finite.
-
-        The fused AdamW skips its update on device when `found_inf` is set (the mechanism
-        GradScaler uses), so the check needs no host-device sync; `check_finite` raises at the
-        next logging step. Other optimizers are checked here, at once."""
-        bad = ~torch.isfinite(grad_norm.detach()) | ~torch.isfinite(loss.detach())
-        if not self.optimizer.defaults.get("fused"):
-            self._first_bad = torch.where(bad, self.step + 1, 0)
-            self._bad_values = torch.stack([loss.detach().float(), grad_norm.detach().float()])
-            self.check_finite()
-            return
-        # the norm is global, so every rank skips the same steps; a rank's own loss only adds
-        # to the error's text
-        self.optimizer.found_inf = (~torch.isfinite(grad_norm.detach())).float()
-        first_bad = torch.where(bad & (self._first_bad == 0), self.step + 1, self._first_bad)
-        if self._bad_values is None:
-            self._bad_values = torch.zeros(2, device=grad_norm.device)
-        values = torch.stack([loss.detach().float(), grad_norm.detach().float()])
-        self._bad_values = torch.where(first_bad != self._first_bad, values, self._bad_values)
-        self._first_bad = first_bad
-
-    def check_finite(self) -> None:
-        """Raises if a step since the start had a non-finite loss or gradient norm (syncs)."""
-        first = int(self._first_bad)
-        if not dist_utils.any_rank_true(first > 0, self.device):
-            return
-        loss, norm = (self._bad_values.tolist() if first else (float("nan"), float("nan")))
-        step = first or "(on another rank)"
-        raise TrainingError(
-            f"Non-finite loss or gradient norm at step {step} (loss {loss}, grad norm {norm}); "
-            "the optimizer step was not taken. Lower optim.lr, raise optim.warmup_steps or use "
-            "trainer.precision=fp32, then resume from the last checkpoint.")
+    def next_batch(self) -> torch.Tensor:
+        return self.train_data.next_batch().to(self.device, non_blocking=True)
 
     def finish_row(self, row: dict[str, Any]) -> dict[str, Any]:
         """A `train_step` row as logged: losses averaged over ranks, floats, measured speed."""
@@ -260,7 +242,9 @@ class Trainer:
 
     def _val_loss(self, batches: Iterator[torch.Tensor]) -> float:
         total, n = torch.zeros((), device=self.device), 0
-        for batch in batches:
+        if self.pipeline is not None:  # through the stages; the last one's losses, on all ranks
+            total, n = self.pipeline.val_loss_sum([b.to(self.device) for b in batches])
+        for batch in (batches if self.pipeline is None else ()):
             batch = batch.to(self.device)
             with self.precision.autocast(self.device.type):
                 out = self.model(batch[:, :-1], batch[:, 1:], return_logits=False)
@@ -272,8 +256,15 @@ class Trainer:
         return float(total / max(n, 1))
 
     def routers(self) -> list[Router]:
-        """The MoE layers' routers, in layer order (the order of `ModelOutput.moe_stats`)."""
+        """This rank's MoE layers' routers, in layer order (the order of `ModelOutput.moe_stats`;
+        under pp those of this rank's stages: `moe_ids` gives their index in the whole model)."""
         return [m for m in self.model.modules() if isinstance(m, Router)]
+
+    @property
+    def moe_ids(self) -> list[int]:
+        if self.pipeline is None:
+            return list(range(len(self.routers())))
+        return [self.model.moe_index[k] for k, b in self.model.layers.items() if b.is_moe]
 
     @torch.no_grad()
     def balance_routers(self, loads: list[torch.Tensor]) -> None:
@@ -284,8 +275,15 @@ class Trainer:
         load_LE = torch.stack(loads).float()
         if dist_utils.is_initialized():
             torch.distributed.all_reduce(load_LE)
-        for router, load_E in zip(self.routers(), load_LE):
-            router.update_score_bias(load_E, rate)
+        for router, i in zip(self.routers(), self.moe_ids):
+            router.update_score_bias(load_LE[i], rate)
+
+    def score_biases(self) -> list[torch.Tensor]:
+        """Every MoE layer's selection bias (under pp gathered from the stages that hold them)."""
+        biases = [r.score_bias for r in self.routers()]
+        if self.pipeline is None:
+            return biases
+        return self.pipeline.whole_model(biases, self.moe_ids)
 
     def plot_routing(self, logger: MetricsLogger) -> None:
         """The expert-load heatmap PNG of the run so far, also sent to wandb (rank 0)."""
@@ -314,7 +312,7 @@ class Trainer:
                     row = self.finish_row(row)
                     row.update(self.routing.metrics())
                     if self.cfg.expert.bias_update_rate > 0:
-                        row.update(score_bias_metrics([r.score_bias for r in self.routers()]))
+                        row.update(score_bias_metrics(self.score_biases()))
                     logger.log(row)
                     logger.console(row)
                     for alert in self.monitor.observe(row):
@@ -353,7 +351,7 @@ def run_training(cfg: TrainConfig, run_dir: Path,
     """
     cfg = warm_start_config(cfg)  # init.from_checkpoint: the checkpoint's model and tokenizer
     device_type = resolve_device(cfg.trainer.device).type
-    check_tensor_parallel(cfg)
+    check_tensor_parallel(cfg), check_pipeline_run(cfg)
     validate_layout(cfg.parallel, cfg.expert, dist_utils.launched_world_size()
                     if not dist_utils.is_initialized() else dist_utils.world_size(), device_type)
     created = dist_utils.init_from_env(device_type, cfg.trainer.collective_timeout_s)

@@ -21,9 +21,14 @@ from moe_lm.training import distributed as dist_utils
 
 
 class RoutingAccumulator:
-    """Sums each MoE layer's routing stats over the micro-steps of one logged step."""
+    """Sums each MoE layer's routing stats over the micro-steps of one logged step.
+
+    `owner_group` (pipeline parallelism): each rank adds zeros for the layers it does not hold;
+    the dropped fractions and entropies are then summed over that group, so rank 0 logs them
+    for every layer (the token counts are summed over all ranks anyway)."""
 
     def __init__(self) -> None:
+        self.owner_group = None
         self.reset()
 
     def reset(self) -> None:
@@ -54,6 +59,10 @@ class RoutingAccumulator:
             return {}
         row: dict[str, Any] = {}
         imbalance, dropped, entropy = [], [], []
+        if self.owner_group is not None:
+            both = torch.stack([torch.stack(self.dropped), torch.stack(self.entropy)])
+            torch.distributed.all_reduce(both, group=self.owner_group)
+            self.dropped, self.entropy = list(both[0]), list(both[1])
         for i, tokens_E in enumerate(self.tokens):
             if dist_utils.is_initialized():
                 torch.distributed.all_reduce(tokens_E)

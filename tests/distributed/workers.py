@@ -13,14 +13,38 @@ from moe_lm.model import Transformer
 from moe_lm.parallel import build_mesh, init_on_device, parallelize
 from moe_lm.training import distributed as dist_utils
 from moe_lm.model.terms import LossTerm
-from moe_lm.training import loop
+from moe_lm.training import loop, pipeline_step
 from tests.training.helpers import train_in_process
 
 
+def _sabotage_pipeline(mode: str, at_step: int) -> None:
+    """Under parallel.pp: rank 1 (the last stage) misbehaves in its `at_step`-th step."""
+    original, calls = pipeline_step.PipelineRunner.train_step, [0]
+
+    def train_step(self, batches):
+        calls[0] += 1
+        if calls[0] != at_step:
+            return original(self, batches)
+        if mode == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+            return original(self, batches)
+        # a NaN in the last stage's loss: its backward poisons the gradients of every stage
+        hook = self.stages[-1].register_forward_hook(lambda m, i, out: out * float("nan"))
+        try:
+            return original(self, batches)
+        finally:
+            hook.remove()
+
+    pipeline_step.PipelineRunner.train_step = train_step
+
+
 def _sabotage(rank: int, mode: str, at_step: int, seconds: float) -> None:
-    """Makes rank 1 misbehave at its `at_step`-th training micro-step (grad_accum=1)."""
+    """Makes rank 1 misbehave at its `at_step`-th training micro-step (grad_accum=1); modes
+    `pipeline_nan` and `pipeline_sigterm` at its `at_step`-th pipeline step."""
     if rank != 1 or mode == "none":
         return
+    if mode.startswith("pipeline_"):
+        return _sabotage_pipeline(mode.removeprefix("pipeline_"), at_step)
     original, calls = loop.forward_backward, [0]
 
     def forward_backward(model, batch, precision, device_type, extra=None, **kwargs):
