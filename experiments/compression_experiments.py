@@ -1,0 +1,154 @@
+"""Distillation and cross-layer sharing, measured end to end through the real CLI (issue 20).
+
+1. Distillation: a larger moe_lm teacher is trained, then a small student with `loss=distill`
+   from it and the same student alone (same steps, data, seeds); both validation losses.
+2. `model.share_layers` against the unshared model: at equal parameters (same distinct blocks,
+   twice the applied depth) and at equal compute (same applied depth and width, half the blocks).
+
+Every run is `python -m moe_lm.train ...` on the default data (the built-in corpus, cl100k);
+the final `val_loss` is read from each run's metrics.jsonl. Sized for 2 shared CPU cores:
+
+    python experiments/compression_experiments.py --out-dir /tmp/compression \\
+        --report experiments/results/compression_2026-12-02.md
+
+A run whose metrics already hold its last evaluation is not run again (rerun = print the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+COMMON = ["data.seq_len=64", "data.batch_size=8", "trainer.precision=fp32", "trainer.device=cpu",
+          "trainer.eval_batches=16", "trainer.log_every=20", "trainer.keep_last=1",
+          "optim.warmup_steps=20", "logger.wandb.mode=disabled"]
+TEACHER = ["model.n_layers=4", "model.d_model=128", "model.n_heads=4", "model.n_kv_heads=2",
+           "model.ffn_hidden=384", "expert.num_experts=4", "expert.hidden_size=256"]
+STUDENT = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2",
+           "model.ffn_hidden=192", "expert.num_experts=4", "expert.hidden_size=128"]
+# sharing: all layers MoE (a shared group cannot mix dense and MoE layers)
+SHARE_BASE = [o for o in STUDENT if not o.startswith("model.n_layers")] + ["model.n_dense_layers=0"]
+SHARING = {
+    "unshared, 2 layers": ["model.n_layers=2", "model.share_layers=1"],
+    "shared 2x, 4 applied (equal params)": ["model.n_layers=4", "model.share_layers=2"],
+    "shared 2x, 2 applied (equal compute)": ["model.n_layers=2", "model.share_layers=2"],
+    "unshared, 4 layers (compute of equal-params)": ["model.n_layers=4", "model.share_layers=1"],
+}
+
+
+def train(run_dir: Path, overrides: list[str], steps: int, log) -> dict:
+    """Runs (or finds finished) one training run; returns its final val_loss and wall time."""
+    args = [*COMMON, f"trainer.max_steps={steps}", f"trainer.eval_every={steps // 2}",
+            f"trainer.ckpt_every={steps}", *overrides]
+    cmd = [sys.executable, "-m", "moe_lm.train", f"hydra.run.dir={run_dir}", *args]
+    result = _final(run_dir, steps)
+    if result is None:
+        log(f"$ {' '.join(cmd[1:])}")
+        t0 = time.monotonic()
+        proc = subprocess.run(cmd, capture_output=True, text=True,
+                              env={**os.environ, "WANDB_MODE": "disabled"})
+        if proc.returncode != 0:
+            raise SystemExit(f"{run_dir} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+        (run_dir / "wall_s.txt").write_text(f"{time.monotonic() - t0:.0f}\n")
+        result = _final(run_dir, steps)
+    wall = run_dir / "wall_s.txt"
+    params = _params(run_dir)
+    return {"val_loss": result, "wall_s": wall.read_text().strip() if wall.exists() else "?",
+            "params": params, "command": "python -m moe_lm.train " + " ".join(args)}
+
+
+def _final(run_dir: Path, steps: int) -> float | None:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    final = [r["val_loss"] for r in rows if "val_loss" in r and r["step"] == steps]
+    return final[-1] if final else None
+
+
+def _params(run_dir: Path) -> str:
+    """The start summary's parameter line (train.log), e.g. '6.6M parameters, ...'."""
+    log = run_dir / "train.log"
+    for line in log.read_text().splitlines() if log.exists() else []:
+        if line.startswith("model:"):
+            return line.split("|")[0].removeprefix("model:").split(";")[0].strip()
+    return "?"
+
+
+def machine() -> list[str]:
+    import torch  # noqa: PLC0415 (the experiment script only)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
+                .splitlines() if line.startswith("model name")), platform.processor())
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    return [f"- machine: {cpu}, {os.cpu_count()} cores (shared with other jobs)",
+            f"- versions: python {platform.python_version()}, torch {torch.__version__}, "
+            f"moe_lm commit {commit}",
+            f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out-dir", type=Path, default=Path("outputs/compression"))
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--share-seeds", type=int, nargs="+", default=[1])
+    ap.add_argument("--report", type=Path, default=None, help="also write the table here")
+    args = ap.parse_args()
+    lines: list[str] = []
+
+    def log(text: str) -> None:
+        print(text, flush=True)
+        lines.append(text)
+
+    load0 = Path("/proc/loadavg").read_text().split()[:3]
+    out, S = args.out_dir.resolve(), args.steps
+    teacher = out / "teacher"
+    t = train(teacher, [*TEACHER, "trainer.seed=1234"], S, log)
+    rows = [("teacher (4 layers, d_model 128)", "-", t)]
+    for seed in args.seeds:
+        alone = train(out / f"student_alone_s{seed}", [*STUDENT, f"trainer.seed={seed}"], S, log)
+        distill = train(out / f"student_distill_s{seed}",
+                        [*STUDENT, f"trainer.seed={seed}", "loss=distill",
+                         f"loss.distill_teacher={teacher}"], S, log)
+        rows += [("student alone (2 layers, d_model 64)", seed, alone),
+                 ("student + loss=distill from the teacher", seed, distill)]
+    share_rows = []
+    for seed in args.share_seeds:
+        for name, extra in SHARING.items():
+            tag = name.split(" (")[0].replace(", ", "_").replace(" ", "_")
+            share_rows.append((name, seed, train(out / f"share_{tag}_s{seed}",
+                                                 [*SHARE_BASE, *extra, f"trainer.seed={seed}"],
+                                                 S, log)))
+    load1 = Path("/proc/loadavg").read_text().split()[:3]
+    report = ["# Distillation and cross-layer sharing (issue 20)", "",
+              *machine(), f"- load average (1/5/15 min) at start {' '.join(load0)}, "
+              f"at end {' '.join(load1)}",
+              f"- command: `python experiments/compression_experiments.py --steps {S} --seeds "
+              f"{' '.join(map(str, args.seeds))} --share-seeds "
+              f"{' '.join(map(str, args.share_seeds))}`",
+              f"- common settings: {' '.join(COMMON)}, {S} steps of 512 tokens, final val_loss "
+              "(16 validation batches) at the last step", ""]
+    for title, table in (("Distillation", rows), ("Cross-layer sharing", share_rows)):
+        report += [f"## {title}", "", "| run | seed | parameters | final val_loss | wall s |",
+                   "|---|---|---|---|---|"]
+        report += [f"| {name} | {seed} | {r['params']} | {r['val_loss']:.4f} | {r['wall_s']} |"
+                   for name, seed, r in table]
+        report.append("")
+    report += ["## Commands", ""] + [f"- {name} (seed {seed}): `{r['command']}`"
+                                     for name, seed, r in rows + share_rows]
+    text = "\n".join(report) + "\n"
+    print(text)
+    if args.report:
+        args.report.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
