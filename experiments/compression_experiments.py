@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 COMMON = ["data.seq_len=64", "data.batch_size=8", "trainer.precision=fp32", "trainer.device=cpu",
-          "trainer.eval_batches=16", "trainer.log_every=20", "trainer.keep_last=1",
+          "trainer.eval_batches=8", "trainer.log_every=20", "trainer.keep_last=1",
           "optim.warmup_steps=20", "logger.wandb.mode=disabled"]
 TEACHER = ["model.n_layers=4", "model.d_model=128", "model.n_heads=4", "model.n_kv_heads=2",
            "model.ffn_hidden=384", "expert.num_experts=4", "expert.hidden_size=256"]
@@ -39,13 +39,15 @@ SHARING = {
     "unshared, 2 layers": ["model.n_layers=2", "model.share_layers=1"],
     "shared 2x, 4 applied (equal params)": ["model.n_layers=4", "model.share_layers=2"],
     "shared 2x, 2 applied (equal compute)": ["model.n_layers=2", "model.share_layers=2"],
+}
+EXTRA_SHARING = {  # --with-unshared-4: the unshared model at the equal-params run's compute
     "unshared, 4 layers (compute of equal-params)": ["model.n_layers=4", "model.share_layers=1"],
 }
 
 
 def train(run_dir: Path, overrides: list[str], steps: int, log) -> dict:
     """Runs (or finds finished) one training run; returns its final val_loss and wall time."""
-    args = [*COMMON, f"trainer.max_steps={steps}", f"trainer.eval_every={steps // 2}",
+    args = [*COMMON, f"trainer.max_steps={steps}", f"trainer.eval_every={steps}",
             f"trainer.ckpt_every={steps}", *overrides]
     cmd = [sys.executable, "-m", "moe_lm.train", f"hydra.run.dir={run_dir}", *args]
     result = _final(run_dir, steps)
@@ -97,9 +99,11 @@ def machine() -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out-dir", type=Path, default=Path("outputs/compression"))
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--share-seeds", type=int, nargs="+", default=[1])
+    ap.add_argument("--with-unshared-4", action="store_true",
+                    help="also the unshared 4-layer model (the equal-params run's compute)")
     ap.add_argument("--report", type=Path, default=None, help="also write the table here")
     args = ap.parse_args()
     lines: list[str] = []
@@ -113,20 +117,28 @@ def main() -> None:
     teacher = out / "teacher"
     t = train(teacher, [*TEACHER, "trainer.seed=1234"], S, log)
     rows = [("teacher (4 layers, d_model 128)", "-", t)]
-    for seed in args.seeds:
+
+    def distill_pair(seed: int) -> list:
         alone = train(out / f"student_alone_s{seed}", [*STUDENT, f"trainer.seed={seed}"], S, log)
         distill = train(out / f"student_distill_s{seed}",
                         [*STUDENT, f"trainer.seed={seed}", "loss=distill",
                          f"loss.distill_teacher={teacher}"], S, log)
-        rows += [("student alone (2 layers, d_model 64)", seed, alone),
-                 ("student + loss=distill from the teacher", seed, distill)]
+        return [("student alone (2 layers, d_model 64)", seed, alone),
+                ("student + loss=distill from the teacher", seed, distill)]
+
+    # first seed of distillation, then sharing, then the other seeds: the first results come early
+    for seed in args.seeds[:1]:
+        rows += distill_pair(seed)
     share_rows = []
+    sharing = {**SHARING, **(EXTRA_SHARING if args.with_unshared_4 else {})}
     for seed in args.share_seeds:
-        for name, extra in SHARING.items():
+        for name, extra in sharing.items():
             tag = name.split(" (")[0].replace(", ", "_").replace(" ", "_")
             share_rows.append((name, seed, train(out / f"share_{tag}_s{seed}",
                                                  [*SHARE_BASE, *extra, f"trainer.seed={seed}"],
                                                  S, log)))
+    for seed in args.seeds[1:]:
+        rows += distill_pair(seed)
     load1 = Path("/proc/loadavg").read_text().split()[:3]
     report = ["# Distillation and cross-layer sharing (issue 20)", "",
               *machine(), f"- load average (1/5/15 min) at start {' '.join(load0)}, "
@@ -135,7 +147,7 @@ def main() -> None:
               f"{' '.join(map(str, args.seeds))} --share-seeds "
               f"{' '.join(map(str, args.share_seeds))}`",
               f"- common settings: {' '.join(COMMON)}, {S} steps of 512 tokens, final val_loss "
-              "(16 validation batches) at the last step", ""]
+              "(8 validation batches of 8 x 64 tokens, the same for every run) at the last step", ""]
     for title, table in (("Distillation", rows), ("Cross-layer sharing", share_rows)):
         report += [f"## {title}", "", "| run | seed | parameters | final val_loss | wall s |",
                    "|---|---|---|---|---|"]
