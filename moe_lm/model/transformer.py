@@ -204,6 +204,10 @@ class Transformer(nn.Module):
         if cache is None:
             rope_SF2 = rotary_tables(S, head_dim, self.cfg.rope_theta, tokens_BS.device)
         else:  # the cache knows each row's positions (left-padded batches)
+            if len(cache.layers) != self.cfg.n_layers:
+                raise ValueError(f"The KV cache has {len(cache.layers)} layers, the model applies "
+                                 f"{self.cfg.n_layers} (model.share_layers={self.cfg.share_layers}"
+                                 " repeats blocks): build the cache with model.cfg.n_layers.")
             rope_SF2 = cache.begin(S, head_dim, self.cfg.rope_theta, tokens_BS.device)
         x_BSD = self.embed(tokens_BS)
         stats: list[MoEStats] = []
