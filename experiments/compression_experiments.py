@@ -26,12 +26,13 @@ import sys
 import time
 from pathlib import Path
 
-COMMON = ["data.seq_len=64", "data.batch_size=8", "trainer.precision=fp32", "trainer.device=cpu",
-          "trainer.eval_batches=8", "trainer.log_every=20", "trainer.keep_last=1",
-          "optim.warmup_steps=20", "logger.wandb.mode=disabled"]
-TEACHER = ["model.n_layers=4", "model.d_model=128", "model.n_heads=4", "model.n_kv_heads=2",
+COMMON = ["data.seq_len=64", "trainer.precision=fp32", "trainer.device=cpu",
+          "trainer.log_every=20", "trainer.keep_last=1", "optim.warmup_steps=20",
+          "logger.wandb.mode=disabled"]
+# the teacher sees 8 sequences a step, the students 4 (the same 4,096 validation tokens for all)
+TEACHER = ["data.batch_size=8", "trainer.eval_batches=8", "model.n_layers=4", "model.d_model=128", "model.n_heads=4", "model.n_kv_heads=2",
            "model.ffn_hidden=384", "expert.num_experts=4", "expert.hidden_size=256"]
-STUDENT = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2",
+STUDENT = ["data.batch_size=4", "trainer.eval_batches=16", "model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2",
            "model.ffn_hidden=192", "expert.num_experts=4", "expert.hidden_size=128"]
 # sharing: all layers MoE (a shared group cannot mix dense and MoE layers)
 SHARE_BASE = [o for o in STUDENT if not o.startswith("model.n_layers")] + ["model.n_dense_layers=0"]
@@ -146,8 +147,9 @@ def main() -> None:
               f"- command: `python experiments/compression_experiments.py --steps {S} --seeds "
               f"{' '.join(map(str, args.seeds))} --share-seeds "
               f"{' '.join(map(str, args.share_seeds))}`",
-              f"- common settings: {' '.join(COMMON)}, {S} steps of 512 tokens, final val_loss "
-              "(8 validation batches of 8 x 64 tokens, the same for every run) at the last step", ""]
+              f"- common settings: {' '.join(COMMON)}, {S} steps (teacher 8 x 64 tokens a step, "
+              "students and sharing runs 4 x 64), final val_loss at the last step on the same "
+              "4,096 validation tokens for every run", ""]
     for title, table in (("Distillation", rows), ("Cross-layer sharing", share_rows)):
         report += [f"## {title}", "", "| run | seed | parameters | final val_loss | wall s |",
                    "|---|---|---|---|---|"]
