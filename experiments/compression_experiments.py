@@ -26,13 +26,13 @@ import sys
 import time
 from pathlib import Path
 
-COMMON = ["data.seq_len=64", "trainer.precision=fp32", "trainer.device=cpu",
-          "trainer.log_every=20", "trainer.keep_last=1", "optim.warmup_steps=20",
-          "logger.wandb.mode=disabled"]
-# the teacher sees 8 sequences a step, the students 4 (the same 4,096 validation tokens for all)
-TEACHER = ["data.batch_size=8", "trainer.eval_batches=8", "model.n_layers=4", "model.d_model=128", "model.n_heads=4", "model.n_kv_heads=2",
+# every run: 4 sequences of 64 tokens a step, the same 16 x 4 x 64 validation tokens
+COMMON = ["data.seq_len=64", "data.batch_size=4", "trainer.eval_batches=16",
+          "trainer.precision=fp32", "trainer.device=cpu", "trainer.log_every=20",
+          "trainer.keep_last=1", "optim.warmup_steps=20", "logger.wandb.mode=disabled"]
+TEACHER = ["model.n_layers=4", "model.d_model=128", "model.n_heads=4", "model.n_kv_heads=2",
            "model.ffn_hidden=384", "expert.num_experts=4", "expert.hidden_size=256"]
-STUDENT = ["data.batch_size=4", "trainer.eval_batches=16", "model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2",
+STUDENT = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2",
            "model.ffn_hidden=192", "expert.num_experts=4", "expert.hidden_size=128"]
 # sharing: all layers MoE (a shared group cannot mix dense and MoE layers)
 SHARE_BASE = [o for o in STUDENT if not o.startswith("model.n_layers")] + ["model.n_dense_layers=0"]
@@ -100,7 +100,9 @@ def machine() -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out-dir", type=Path, default=Path("outputs/compression"))
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--part", choices=["all", "distill", "share"], default="all",
+                    help="run one experiment only (e.g. the two at once, in two processes)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--share-seeds", type=int, nargs="+", default=[1])
     ap.add_argument("--with-unshared-4", action="store_true",
@@ -116,8 +118,10 @@ def main() -> None:
     load0 = Path("/proc/loadavg").read_text().split()[:3]
     out, S = args.out_dir.resolve(), args.steps
     teacher = out / "teacher"
-    t = train(teacher, [*TEACHER, "trainer.seed=1234"], S, log)
-    rows = [("teacher (4 layers, d_model 128)", "-", t)]
+    rows: list = []
+    if args.part != "share":
+        t = train(teacher, [*TEACHER, "trainer.seed=1234"], S, log)
+        rows = [("teacher (4 layers, d_model 128)", "-", t)]
 
     def distill_pair(seed: int) -> list:
         alone = train(out / f"student_alone_s{seed}", [*STUDENT, f"trainer.seed={seed}"], S, log)
@@ -128,29 +132,32 @@ def main() -> None:
                 ("student + loss=distill from the teacher", seed, distill)]
 
     # first seed of distillation, then sharing, then the other seeds: the first results come early
-    for seed in args.seeds[:1]:
+    for seed in args.seeds[:1] if args.part != "share" else []:
         rows += distill_pair(seed)
     share_rows = []
     sharing = {**SHARING, **(EXTRA_SHARING if args.with_unshared_4 else {})}
-    for seed in args.share_seeds:
+    for seed in args.share_seeds if args.part != "distill" else []:
         for name, extra in sharing.items():
             tag = name.split(" (")[0].replace(", ", "_").replace(" ", "_")
             share_rows.append((name, seed, train(out / f"share_{tag}_s{seed}",
                                                  [*SHARE_BASE, *extra, f"trainer.seed={seed}"],
                                                  S, log)))
-    for seed in args.seeds[1:]:
+    for seed in args.seeds[1:] if args.part != "share" else []:
         rows += distill_pair(seed)
     load1 = Path("/proc/loadavg").read_text().split()[:3]
     report = ["# Distillation and cross-layer sharing (issue 20)", "",
               *machine(), f"- load average (1/5/15 min) at start {' '.join(load0)}, "
               f"at end {' '.join(load1)}",
-              f"- command: `python experiments/compression_experiments.py --steps {S} --seeds "
+              f"- command: `python experiments/compression_experiments.py --part {args.part} "
+              f"--steps {S} --seeds "
               f"{' '.join(map(str, args.seeds))} --share-seeds "
               f"{' '.join(map(str, args.share_seeds))}`",
-              f"- common settings: {' '.join(COMMON)}, {S} steps (teacher 8 x 64 tokens a step, "
-              "students and sharing runs 4 x 64), final val_loss at the last step on the same "
-              "4,096 validation tokens for every run", ""]
+              f"- common settings: {' '.join(COMMON)}, {S} steps of 4 x 64 "
+              "tokens, final val_loss at the last step on the same 16 x 4 x 64 validation "
+              "tokens for every run", ""]
     for title, table in (("Distillation", rows), ("Cross-layer sharing", share_rows)):
+        if not table:
+            continue
         report += [f"## {title}", "", "| run | seed | parameters | final val_loss | wall s |",
                    "|---|---|---|---|---|"]
         report += [f"| {name} | {seed} | {r['params']} | {r['val_loss']:.4f} | {r['wall_s']} |"
