@@ -122,6 +122,9 @@ def test_checkpoint_stores_a_shared_weight_once_and_resume_equals_an_uninterrupt
     assert not any(k.startswith(("optim.state.layers.2.", "optim.state.layers.3."))
                    for k in saved.state_dict_metadata)
     train_in_process(split, [*tiny_overrides, *SHARED_RUN])  # resumes from step 3
+    summary = next(line for line in (split / "train.log").read_text().splitlines()
+                   if "model:" in line)
+    assert "4 layers (2 distinct blocks, each applied 2 times)" in summary
     want, got = train_losses(whole), train_losses(split)
     assert sorted(got) == sorted(want) == [1, 2, 3, 4, 5]
     for step in want:
