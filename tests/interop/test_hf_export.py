@@ -9,8 +9,9 @@ import torch
 
 from moe_lm.config import ExpertConfig, LossConfig, ModelConfig, TrainConfig
 from moe_lm.inference import load_model
-from moe_lm.interop.hf_export import export, export_problems
+from moe_lm.interop.hf_export import SHARE_NOTE, export, export_problems, export_summary
 from moe_lm.model import Transformer
+from tests.training.helpers import train_run
 
 
 def test_exported_mixtral_logits_in_transformers_match_moe_lm(tiny_run, tmp_path):
@@ -42,9 +43,6 @@ def test_export_refuses_settings_mixtral_cannot_express(change, words):
 def test_shared_layers_export_unrolled_with_a_note_and_the_same_logits(tiny_overrides, tmp_path):
     """HF formats have no cross-layer sharing: each applied layer gets its own copy."""
     transformers = pytest.importorskip("transformers")
-    from moe_lm.interop.hf_export import SHARE_NOTE, export_summary
-    from tests.training.helpers import train_run
-
     run = tmp_path / "shared"
     train_run(run, [*tiny_overrides, "model.n_layers=4", "model.n_dense_layers=0",
                     "model.share_layers=2", "trainer.max_steps=2", "trainer.ckpt_every=2"])

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 
+from moe_lm.compress.prune import expert_usage, prune_model
 from moe_lm.config import ExpertConfig, LossConfig, ModelConfig, TrainConfig, validate
 from moe_lm.errors import ConfigError
 from moe_lm.model import Transformer, count_params
@@ -129,3 +130,20 @@ def test_checkpoint_stores_a_shared_weight_once_and_resume_equals_an_uninterrupt
     assert sorted(got) == sorted(want) == [1, 2, 3, 4, 5]
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=0)
+
+
+def test_pruning_counts_a_shared_blocks_tokens_over_all_its_applied_layers():
+    cfg = model_cfg(n_dense_layers=0)  # 2 shared MoE blocks, 4 applied MoE layers
+    net = build(cfg).eval()
+    batch = torch.randint(0, 97, (2, 13))
+    usage = expert_usage(net, [batch])
+    with torch.no_grad():
+        stats = net(batch[:, :-1], batch[:, 1:], return_logits=False).moe_stats
+    assert len(stats) == 4 and len(usage) == 2
+    for j in range(2):
+        want = stats[2 * j].tokens_per_expert.float() + stats[2 * j + 1].tokens_per_expert.float()
+        torch.testing.assert_close(usage[j], want)
+    train = TrainConfig(model=cfg, expert=EXPERT)
+    pruned, new_cfg, kept = prune_model(net, train, usage, keep=2)
+    assert len(kept) == 2 and new_cfg.expert.num_experts == 2
+    assert len(pruned.layers) == 2 and pruned.layers[0].mlp.experts.w1_EDF.shape[0] == 2
