@@ -5,10 +5,14 @@
 2. `model.share_layers` against the unshared model: at equal parameters (same distinct blocks,
    twice the applied depth) and at equal compute (same applied depth and width, half the blocks).
 
-Every run is `python -m moe_lm.train ...` on the default data (the built-in corpus, cl100k);
-the final `val_loss` is read from each run's metrics.jsonl. Sized for 2 shared CPU cores:
+Every run is `python -m moe_lm.train ...` on the default data (the built-in corpus, CPython's
+documentation and sources) with one change: a 4,096-token byte-level BPE tokenizer trained on that
+corpus with Hugging Face `tokenizers` (`data.tokenizer=<dir>`), not cl100k. With cl100k's 100k-row
+embedding 98% of a tiny model's weights and nearly all of its CPU time would be the embedding
+and LM head: the blocks that sharing and distillation act on would be noise, and a run would take
+an hour on 2 shared cores. The final `val_loss` is read from each run's metrics.jsonl:
 
-    python experiments/compression_experiments.py --out-dir /tmp/compression \\
+    python experiments/compression_experiments.py --out-dir /tmp/compression \
         --report experiments/results/compression_2026-12-02.md
 
 A run whose metrics already hold its last evaluation is not run again (rerun = print the table).
@@ -26,8 +30,9 @@ import sys
 import time
 from pathlib import Path
 
-# every run: 4 sequences of 64 tokens a step, the same 16 x 4 x 64 validation tokens
-COMMON = ["data.seq_len=64", "data.batch_size=4", "trainer.eval_batches=16",
+# every run: 8 sequences of 64 tokens a step, the same 16 x 8 x 64 validation tokens
+TOKENIZER: Path = Path()  # set by main: <out-dir>/tokenizer_bpe4k
+COMMON = ["data.seq_len=64", "data.batch_size=8", "trainer.eval_batches=16",
           "trainer.precision=fp32", "trainer.device=cpu", "trainer.log_every=20",
           "trainer.keep_last=1", "optim.warmup_steps=20", "logger.wandb.mode=disabled"]
 TEACHER = ["model.n_layers=4", "model.d_model=128", "model.n_heads=4", "model.n_kv_heads=2",
@@ -46,9 +51,32 @@ EXTRA_SHARING = {  # --with-unshared-4: the unshared model at the equal-params r
 }
 
 
+def make_tokenizer(path: Path, vocab: int = 4096) -> Path:
+    """A byte-level BPE tokenizer trained on the built-in corpus (tokenizer.json + config)."""
+    if (path / "tokenizer.json").is_file():
+        return path
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
+
+    from moe_lm.data.corpus import builtin_source  # noqa: PLC0415
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(builtin_source(6.0).documents(), trainer)
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>",
+                                                            "bos_token": None}))
+    return path
+
+
 def train(run_dir: Path, overrides: list[str], steps: int, log) -> dict:
     """Runs (or finds finished) one training run; returns its final val_loss and wall time."""
-    args = [*COMMON, f"trainer.max_steps={steps}", f"trainer.eval_every={steps}",
+    args = [*COMMON, f"data.tokenizer={TOKENIZER}", f"trainer.max_steps={steps}",
+            f"trainer.eval_every={steps}",
             f"trainer.ckpt_every={steps}", *overrides]
     cmd = [sys.executable, "-m", "moe_lm.train", f"hydra.run.dir={run_dir}", *args]
     result = _final(run_dir, steps)
@@ -100,11 +128,11 @@ def machine() -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out-dir", type=Path, default=Path("outputs/compression"))
-    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--part", choices=["all", "distill", "share"], default="all",
                     help="run one experiment only (e.g. the two at once, in two processes)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--share-seeds", type=int, nargs="+", default=[1])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--share-seeds", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--with-unshared-4", action="store_true",
                     help="also the unshared 4-layer model (the equal-params run's compute)")
     ap.add_argument("--report", type=Path, default=None, help="also write the table here")
@@ -117,6 +145,12 @@ def main() -> None:
 
     load0 = Path("/proc/loadavg").read_text().split()[:3]
     out, S = args.out_dir.resolve(), args.steps
+    global TOKENIZER
+    TOKENIZER = make_tokenizer(out / "tokenizer_bpe4k")
+    prep = subprocess.run([sys.executable, "-m", "moe_lm.prepare", f"data.tokenizer={TOKENIZER}"],
+                          capture_output=True, text=True)  # once, before runs read it in parallel
+    if prep.returncode != 0:
+        raise SystemExit(f"prepare failed:\n{prep.stdout[-2000:]}\n{prep.stderr[-2000:]}")
     teacher = out / "teacher"
     rows: list = []
     if args.part != "share":
@@ -151,10 +185,12 @@ def main() -> None:
               f"- command: `python experiments/compression_experiments.py --part {args.part} "
               f"--steps {S} --seeds "
               f"{' '.join(map(str, args.seeds))} --share-seeds "
-              f"{' '.join(map(str, args.share_seeds))}`",
-              f"- common settings: {' '.join(COMMON)}, {S} steps of 4 x 64 "
-              "tokens, final val_loss at the last step on the same 16 x 4 x 64 validation "
-              "tokens for every run", ""]
+              f"{' '.join(map(str, args.share_seeds))}"
+              f"{' --with-unshared-4' if args.with_unshared_4 else ''}`",
+              f"- common settings: {' '.join(COMMON)}, {S} steps of 8 x 64 "
+              "tokens, data.tokenizer = a 4,096-token BPE trained on the built-in corpus "
+              "(see the script), final val_loss at the last step on the same 16 x 8 x 64 "
+              "validation tokens for every run", ""]
     for title, table in (("Distillation", rows), ("Cross-layer sharing", share_rows)):
         if not table:
             continue
