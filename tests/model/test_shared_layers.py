@@ -13,6 +13,7 @@ from moe_lm.compress.prune import expert_usage, prune_model
 from moe_lm.config import ExpertConfig, LossConfig, ModelConfig, TrainConfig, validate
 from moe_lm.errors import ConfigError
 from moe_lm.model import Transformer, count_params
+from moe_lm.parallel import apply_activation_checkpointing
 from moe_lm.planning.counting import build_meta_model, count_by_component, totals
 from moe_lm.training.checkpoint import list_checkpoints
 from tests.conftest import train_losses
@@ -147,3 +148,13 @@ def test_pruning_counts_a_shared_blocks_tokens_over_all_its_applied_layers():
     pruned, new_cfg, kept = prune_model(net, train, usage, keep=2)
     assert len(kept) == 2 and new_cfg.expert.num_experts == 2
     assert len(pruned.layers) == 2 and pruned.layers[0].mlp.experts.w1_EDF.shape[0] == 2
+
+
+def test_activation_checkpointing_of_a_shared_block_gives_the_same_gradients():
+    plain, ckpt = build(model_cfg(), seed=3), build(model_cfg(), seed=3)
+    apply_activation_checkpointing(ckpt, "full")  # per distinct block, recomputed per use
+    tokens = torch.randint(0, 97, (2, 10))
+    for net in (plain, ckpt):
+        net(tokens[:, :-1], tokens[:, 1:]).lm_loss.backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
