@@ -95,6 +95,19 @@ def train(run_dir: Path, overrides: list[str], steps: int, log) -> dict:
             "params": params, "command": "python -m moe_lm.train " + " ".join(args)}
 
 
+def evaluate(run_dir: Path, log) -> dict:
+    """`python -m moe_lm.eval` of an existing run on the students' validation tokens."""
+    cmd = [sys.executable, "-m", "moe_lm.eval", str(run_dir), "--batches", "16", "--precision",
+           "fp32", "--device", "cpu", "--json"]  # the run's val split, its 8 x 64 batches
+    log(f"$ {' '.join(cmd[1:])}")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"eval of {run_dir} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    result = json.loads(proc.stdout[proc.stdout.index("{"):])
+    return {"val_loss": result["loss"], "wall_s": "-", "params": _params(run_dir),
+            "command": " ".join(cmd[1:]).replace("-m moe_lm.eval", "python -m moe_lm.eval")}
+
+
 def _final(run_dir: Path, steps: int) -> float | None:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
@@ -128,11 +141,14 @@ def machine() -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out-dir", type=Path, default=Path("outputs/compression"))
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--teacher", type=Path, default=None,
+                    help="an existing teacher run (same tokenizer) instead of training one; its "
+                         "val_loss is measured with python -m moe_lm.eval on the same tokens")
     ap.add_argument("--part", choices=["all", "distill", "share"], default="all",
                     help="run one experiment only (e.g. the two at once, in two processes)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    ap.add_argument("--share-seeds", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--share-seeds", type=int, nargs="+", default=[1])
     ap.add_argument("--with-unshared-4", action="store_true",
                     help="also the unshared 4-layer model (the equal-params run's compute)")
     ap.add_argument("--report", type=Path, default=None, help="also write the table here")
@@ -151,11 +167,13 @@ def main() -> None:
                           capture_output=True, text=True)  # once, before runs read it in parallel
     if prep.returncode != 0:
         raise SystemExit(f"prepare failed:\n{prep.stdout[-2000:]}\n{prep.stderr[-2000:]}")
-    teacher = out / "teacher"
+    teacher = (args.teacher or out / "teacher").resolve()
     rows: list = []
-    if args.part != "share":
+    if args.part != "share" and args.teacher is None:
         t = train(teacher, [*TEACHER, "trainer.seed=1234"], S, log)
         rows = [("teacher (4 layers, d_model 128)", "-", t)]
+    elif args.part != "share":
+        rows = [("teacher (4 layers, d_model 128), given", "-", evaluate(teacher, log))]
 
     def distill_pair(seed: int) -> list:
         alone = train(out / f"student_alone_s{seed}", [*STUDENT, f"trainer.seed={seed}"], S, log)
