@@ -83,8 +83,10 @@ def train(run_dir: Path, overrides: list[str], steps: int, log) -> dict:
     if result is None:
         log(f"$ {' '.join(cmd[1:])}")
         t0 = time.monotonic()
-        proc = subprocess.run(cmd, capture_output=True, text=True,
-                              env={**os.environ, "WANDB_MODE": "disabled"})
+        # one thread per run unless told otherwise: on cores shared with other jobs two
+        # threads per process mostly wait on each other
+        env = {"OMP_NUM_THREADS": "1", **os.environ, "WANDB_MODE": "disabled"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise SystemExit(f"{run_dir} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
         (run_dir / "wall_s.txt").write_text(f"{time.monotonic() - t0:.0f}\n")
