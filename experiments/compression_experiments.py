@@ -27,7 +27,6 @@ import os
 import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 # every run: 8 sequences of 64 tokens a step, the same 16 x 8 x 64 validation tokens
@@ -82,19 +81,15 @@ def train(run_dir: Path, overrides: list[str], steps: int, log) -> dict:
     result = _final(run_dir, steps)
     if result is None:
         log(f"$ {' '.join(cmd[1:])}")
-        t0 = time.monotonic()
         # one thread per run unless told otherwise: on cores shared with other jobs two
         # threads per process mostly wait on each other
         env = {"OMP_NUM_THREADS": "1", **os.environ, "WANDB_MODE": "disabled"}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise SystemExit(f"{run_dir} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-        (run_dir / "wall_s.txt").write_text(f"{time.monotonic() - t0:.0f}\n")
         result = _final(run_dir, steps)
-    wall = run_dir / "wall_s.txt"
     params = _params(run_dir)
-    return {"val_loss": result, "wall_s": wall.read_text().strip() if wall.exists() else "?",
-            "params": params, "command": "python -m moe_lm.train " + " ".join(args)}
+    return {"val_loss": result, "wall_s": _wall(run_dir), "params": params, "command": "python -m moe_lm.train " + " ".join(args)}
 
 
 def evaluate(run_dir: Path, log) -> dict:
@@ -119,12 +114,19 @@ def _final(run_dir: Path, steps: int) -> float | None:
     return final[-1] if final else None
 
 
+def _wall(run_dir: Path) -> str:
+    """The training time the run's own summary gives ('done: N/N steps in 1m46s | ...')."""
+    log = run_dir / "train.log"
+    done = [line for line in log.read_text().splitlines() if "done:" in line] if log.exists() else []
+    return done[-1].split(" in ", 1)[1].split(" |")[0] if done else "?"
+
+
 def _params(run_dir: Path) -> str:
     """The start summary's parameter line (train.log), e.g. '6.6M parameters, ...'."""
     log = run_dir / "train.log"
     for line in log.read_text().splitlines() if log.exists() else []:
-        if line.startswith("model:"):
-            return line.split("|")[0].removeprefix("model:").split(";")[0].strip()
+        if "] model: " in line:
+            return line.split("] model: ", 1)[1].split(";")[0].strip()
     return "?"
 
 
@@ -203,6 +205,7 @@ def main() -> None:
               *machine(), f"- load average (1/5/15 min) at start {' '.join(load0)}, "
               f"at end {' '.join(load1)}",
               f"- command: `python experiments/compression_experiments.py --part {args.part} "
+              f"{f'--teacher {args.teacher} ' if args.teacher else ''}"
               f"--steps {S} --seeds "
               f"{' '.join(map(str, args.seeds))} --share-seeds "
               f"{' '.join(map(str, args.share_seeds))}"
@@ -214,7 +217,7 @@ def main() -> None:
     for title, table in (("Distillation", rows), ("Cross-layer sharing", share_rows)):
         if not table:
             continue
-        report += [f"## {title}", "", "| run | seed | parameters | final val_loss | wall s |",
+        report += [f"## {title}", "", "| run | seed | parameters | final val_loss | training time |",
                    "|---|---|---|---|---|"]
         report += [f"| {name} | {seed} | {r['params']} | {r['val_loss']:.4f} | {r['wall_s']} |"
                    for name, seed, r in table]
