@@ -35,7 +35,9 @@ from moe_lm.training.optim import build_optimizer
 @torch.no_grad()
 def expert_usage(model: Transformer, batches: Iterable[torch.Tensor],
                  precision: str = "fp32", total: int | None = None) -> list[torch.Tensor]:
-    """Tokens routed to each expert, per MoE layer: a list of (E,) counts (eval mode, dropless)."""
+    """Tokens routed to each expert, per MoE block: a list of (E,) counts (eval mode, dropless).
+    A block shared by `model.share_layers` applied layers sums the tokens of all of them (its
+    experts are one set of weights, kept or cut together)."""
     model.eval()
     device = next(model.parameters()).device
     usage: list[torch.Tensor] = []
@@ -45,7 +47,8 @@ def expert_usage(model: Transformer, batches: Iterable[torch.Tensor],
             out = model(batch[:, :-1], batch[:, 1:], return_logits=False)
         counts = [s.tokens_per_expert.detach().float().cpu() for s in out.moe_stats]
         usage = counts if not usage else [u + c for u, c in zip(usage, counts)]
-    return usage
+    N = model.cfg.share_layers  # the applied MoE layers of one shared block are consecutive
+    return [sum(usage[j:j + N]) for j in range(0, len(usage), N)]
 
 
 def kept_experts(usage_E: torch.Tensor, keep: int) -> torch.Tensor:

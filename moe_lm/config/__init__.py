@@ -12,7 +12,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from moe_lm.config.checks import validate
+from moe_lm.config.checks import check_layer_sharing, validate
 from moe_lm.config.schema import (
     ModelConfig, ExpertConfig, LossConfig, ParallelConfig, SourceConfig, DataConfig,
     PrepareConfig, OptimConfig, RoutingMonitorConfig, TrainerConfig, WandbConfig, LoggerConfig,
@@ -24,7 +24,7 @@ __all__ = [
     "DataConfig", "ExpertConfig", "GROUP_SCHEMAS", "InitConfig", "LoggerConfig", "LossConfig",
     "ModelConfig", "OptimConfig", "ParallelConfig", "PlanConfig", "PrepareConfig",
     "RoutingMonitorConfig", "SourceConfig", "TrainConfig", "TrainerConfig", "WandbConfig",
-    "register_configs", "to_train_config", "validate",
+    "check_layer_sharing", "register_configs", "to_train_config", "validate",
 ]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from moe_lm.config.schema import ExpertConfig, TrainConfig
+from moe_lm.config.schema import ExpertConfig, ModelConfig, TrainConfig
 from moe_lm.errors import ConfigError
 
 
@@ -61,6 +61,11 @@ def validate(cfg: TrainConfig) -> None:
            f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}.")
     _check(m.n_layers >= 1 and m.moe_every >= 1 and 0 <= m.n_dense_layers <= m.n_layers,
            "model.n_layers >= 1, model.moe_every >= 1 and 0 <= model.n_dense_layers <= n_layers.")
+    check_layer_sharing(m)
+    _check(m.share_layers == 1 or p.pp == 1,
+           f"model.share_layers={m.share_layers} with parallel.pp={p.pp}: pipeline stages split "
+           "distinct blocks, and a shared block is applied across a group of layers; train a "
+           "shared model with parallel.pp=1 (FSDP, EP and TP do apply) or set model.share_layers=1.")
     _check(t.max_steps >= 1, "trainer.max_steps must be >= 1.")
     _check(t.stop_at is None or 1 <= t.stop_at <= t.max_steps,
            f"trainer.stop_at={t.stop_at} must lie between 1 and trainer.max_steps={t.max_steps}.")
@@ -117,6 +122,28 @@ def _validate_sizes_and_optim(cfg: TrainConfig) -> None:
     _check(t.resume in ("auto", "never", "must"),
            f"trainer.resume={t.resume!r}: auto (resume if possible), never (start fresh; the old "
            "checkpoints are moved aside) or must (fail without a checkpoint).")
+
+
+def check_layer_sharing(m: ModelConfig) -> None:
+    """model.share_layers: groups of N consecutive layers share one block, so N divides n_layers
+    and the layers of a group are all dense or all MoE (one block cannot be both)."""
+    N, L = m.share_layers, m.n_layers
+    _check(N >= 1 and L % N == 0,
+           f"model.share_layers={N} must be a divisor of model.n_layers={L} (each group of "
+           f"share_layers consecutive layers is one block applied share_layers times): choose one "
+           f"of {[d for d in range(1, L + 1) if L % d == 0]} (1 = no sharing).")
+    if N == 1:
+        return
+    all_dense = m.n_dense_layers >= L
+    _check(all_dense or m.n_dense_layers % N == 0,
+           f"model.share_layers={N} with model.n_dense_layers={m.n_dense_layers}: a shared group "
+           "would hold dense and MoE layers, which one block cannot be; make n_dense_layers a "
+           f"multiple of {N} (e.g. {N * (m.n_dense_layers // N)} or "
+           f"{N * (m.n_dense_layers // N + 1)}).")
+    _check(all_dense or m.moe_every == 1,
+           f"model.share_layers={N} with model.moe_every={m.moe_every}: every shared group of "
+           f"{N} consecutive layers would hold dense and MoE layers, which one block cannot be; "
+           "set model.moe_every=1 or model.share_layers=1.")
 
 
 def _check_groups(e: ExpertConfig) -> None:

@@ -22,6 +22,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    # cross-layer sharing (ALBERT / MoEUT): each group of `share_layers` consecutive layers is one
+    # block applied that many times (n_layers / share_layers distinct blocks); 1 = no sharing
+    share_layers: int = 1
     # Switches for imported architectures (moe_lm.import_hf); the defaults are moe_lm's own model.
     head_dim: int = 0  # query/key/value head width; 0 = d_model / n_heads (Qwen3-MoE sets it)
     qk_norm: str = "none"  # none | head (RMSNorm per head: Qwen3-MoE) | proj (whole q/k: OLMoE)

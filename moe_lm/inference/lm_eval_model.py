@@ -231,7 +231,7 @@ class MoeLM(TemplateLM):
         width = max(len(p) for p in prompts)
         pad_B = torch.tensor([width - len(p) for p in prompts], device=self.device)
         tokens_BS = torch.tensor([[self.eot_token_id] * (width - len(p)) + p for p in prompts])
-        cache = PaddedKVCache(len(self.model.layers), width + max_new, pad_B)
+        cache = PaddedKVCache(self.model.cfg.n_layers, width + max_new, pad_B)  # applied layers
         temperature, top_k, top_p = self._sampling(kwargs)
         generator = None
         if temperature > 0:  # sampling: repeatable, seeded per batch

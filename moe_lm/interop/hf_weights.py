@@ -159,13 +159,15 @@ def export_tensors(model, family: str, m: ModelConfig, e: ExpertConfig,
     Mixtral has only MoE layers: a dense SwiGLU becomes E identical experts behind a zero router
     (the renormalised weights of whatever k are picked sum to 1), and narrower matrices are
     zero-padded to the one intermediate size `inter`, both exact. Qwen3-MoE keeps dense layers.
+    HF formats have no cross-layer sharing: a `model.share_layers` block is written out once per
+    applied layer (n_layers copies: the same logits, the blocks' weights take share_layers times the space).
     """
     E, G, H = e.num_experts, m.n_kv_heads, m.n_heads
     Dh = m.head_width
     out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": model.embed.weight,
                                     "model.norm.weight": model.norm.weight,
                                     "lm_head.weight": model.head_weight_VD}
-    for i, block in enumerate(model.layers):
+    for i, block in enumerate(model.applied_layers()):  # a shared block: one copy per layer
         p, attn = f"model.layers.{i}.", block.attn
         kv = attn.wkv.weight
         out[p + "self_attn.q_proj.weight"] = pairs_to_halves(attn.wq.weight, H)

@@ -1,5 +1,10 @@
 """The decoder-only transformer: embed -> [attention -> (dense MLP | MoE)] x L -> norm -> LM head.
 
+With `model.share_layers=N` (cross-layer sharing, ALBERT / MoEUT) `layers` holds the L / N
+distinct blocks and applied layer i runs block i // N: a shared weight is one parameter, so
+state dicts, checkpoints, FSDP wrapping and parameter counts see it once, while the KV cache,
+routing stats and FLOPs are per applied layer.
+
 Legend: B batch, S sequence, D model width, H query heads, G key/value heads, Dh head width,
 V vocabulary.
 """
@@ -13,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_lm.config import ExpertConfig, LossConfig, ModelConfig
+from moe_lm.config import ExpertConfig, LossConfig, ModelConfig, check_layer_sharing
 from moe_lm.model.losses import fused_linear_cross_entropy
 from moe_lm.model.moe import MoE, MoEStats, SwiGLU
 from moe_lm.model.routers import Router
@@ -155,13 +160,21 @@ class Transformer(nn.Module):
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("model.vocab_size must be set (the entry point takes the tokenizer's)")
+        check_layer_sharing(cfg)
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(
-            Block(cfg, expert_cfg, loss_cfg, is_moe_layer(i, cfg)) for i in range(cfg.n_layers)
+        N = cfg.share_layers
+        self.layers = nn.ModuleList(  # the distinct blocks (all n_layers of them without sharing)
+            Block(cfg, expert_cfg, loss_cfg, is_moe_layer(j * N, cfg))
+            for j in range(cfg.n_layers // N)
         )
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def applied_layers(self) -> list[Block]:
+        """The block each of the n_layers applied layers runs (repeats under share_layers)."""
+        N = self.cfg.share_layers
+        return [self.layers[i // N] for i in range(self.cfg.n_layers)]
 
     @property
     def head_weight_VD(self) -> torch.Tensor:
@@ -191,10 +204,14 @@ class Transformer(nn.Module):
         if cache is None:
             rope_SF2 = rotary_tables(S, head_dim, self.cfg.rope_theta, tokens_BS.device)
         else:  # the cache knows each row's positions (left-padded batches)
+            if len(cache.layers) != self.cfg.n_layers:
+                raise ValueError(f"The KV cache has {len(cache.layers)} layers, the model applies "
+                                 f"{self.cfg.n_layers} (model.share_layers={self.cfg.share_layers}"
+                                 " repeats blocks): build the cache with model.cfg.n_layers.")
             rope_SF2 = cache.begin(S, head_dim, self.cfg.rope_theta, tokens_BS.device)
         x_BSD = self.embed(tokens_BS)
         stats: list[MoEStats] = []
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.applied_layers()):
             x_BSD, layer_stats = layer(x_BSD, rope_SF2, None if cache is None else cache.layers[i])
             if layer_stats is not None:
                 stats.append(layer_stats)
@@ -230,8 +247,9 @@ def few_rows_logits(h_BD: torch.Tensor, head_VD: torch.Tensor) -> torch.Tensor:
 
 
 def count_params(cfg: ModelConfig, expert_cfg: ExpertConfig) -> dict[str, int]:
-    """Parameter counts from the architecture alone: total and active per token."""
-    D, V, L = cfg.d_model, cfg.vocab_size, cfg.n_layers
+    """Parameter counts from the architecture alone: total and active per token (a block shared
+    by `share_layers` applied layers counts once: these are the weights, not the FLOPs)."""
+    D, V, L = cfg.d_model, cfg.vocab_size, cfg.n_layers // cfg.share_layers  # distinct blocks
     hd = cfg.head_width
     attn = D * cfg.n_heads * hd + 2 * D * cfg.n_kv_heads * hd + cfg.n_heads * hd * D
     attn += {"none": 0, "head": 2 * hd, "proj": (cfg.n_heads + cfg.n_kv_heads) * hd}[cfg.qk_norm]
@@ -240,7 +258,7 @@ def count_params(cfg: ModelConfig, expert_cfg: ExpertConfig) -> dict[str, int]:
     E, F_, k = expert_cfg.num_experts, expert_cfg.hidden_size, expert_cfg.top_k
     one_expert = 3 * D * F_
     shared = one_expert * expert_cfg.num_shared
-    n_moe = sum(is_moe_layer(i, cfg) for i in range(L))
+    n_moe = sum(is_moe_layer(j * cfg.share_layers, cfg) for j in range(L))
     n_dense = L - n_moe
     embed = V * D * (1 if cfg.tie_embeddings else 2)
     common = embed + D + L * (attn + norms) + n_dense * dense_mlp + n_moe * (D * E + shared)

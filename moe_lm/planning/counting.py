@@ -87,10 +87,15 @@ def flops_per_token(cfg: TrainConfig, table: dict[str, dict[str, int]],
     - attention: QK^T and AV, 2 * 2 * n_heads * head_dim FLOPs per attended key; causal attention
       attends to (S + 1) / 2 keys on average (what a FlashAttention kernel computes).
     Activation-checkpoint recomputation is not counted: these are model FLOPs, what MFU divides.
+    `table` counts a shared block's weights once (`model.share_layers`); they are used once per
+    applied layer, so their matmuls count share_layers times.
     """
     m = cfg.model
     head = m.vocab_size * m.d_model
-    matmul_weights = {c: row["active"] for c, row in table.items() if c not in ("embedding", "norms")}
+    # a block shared by share_layers applied layers multiplies activations that many times
+    reuse = {c: 1 if c in ("embedding", "lm_head") else m.share_layers for c in table}
+    matmul_weights = {c: row["active"] * reuse[c] for c, row in table.items()
+                      if c not in ("embedding", "norms")}
     if m.tie_embeddings:
         matmul_weights["lm_head"] = head
     out = {f"{c}_matmuls": 6.0 * n for c, n in matmul_weights.items() if n}
@@ -102,6 +107,8 @@ def flops_per_token(cfg: TrainConfig, table: dict[str, dict[str, int]],
 
 
 def layer_counts(cfg: TrainConfig) -> dict[str, int]:
-    """How many layers are MoE and how many dense."""
+    """How many applied layers are MoE and how many dense, and how many distinct blocks hold
+    weights (fewer under `model.share_layers`)."""
     n_moe = sum(is_moe_layer(i, cfg.model) for i in range(cfg.model.n_layers))
-    return {"moe_layers": n_moe, "dense_layers": cfg.model.n_layers - n_moe}
+    return {"moe_layers": n_moe, "dense_layers": cfg.model.n_layers - n_moe,
+            "distinct_blocks": cfg.model.n_layers // cfg.model.share_layers}

@@ -33,7 +33,7 @@ def dry_run(cfg: TrainConfig) -> dict[str, Any]:
     cfg = planning_config(cfg)
     model = build_meta_model(cfg)
     apply_activation_checkpointing(model, cfg.trainer.activation_checkpointing)
-    moe_layers = use_balanced_routing(model)
+    use_balanced_routing(model)
     model.train()
     B, S = cfg.data.batch_size, cfg.data.seq_len
     tokens_BS1 = torch.zeros((B, S + 1), dtype=torch.int64, device="meta")
@@ -51,7 +51,7 @@ def dry_run(cfg: TrainConfig) -> dict[str, Any]:
     return {
         "dry_run": "ok",
         "params": sum(p.numel() for p in model.parameters()),
-        "moe_layers": moe_layers,
+        "moe_layers": len(out.moe_stats),  # applied MoE layers (a shared block counts each use)
         "micro_batch": [B, S],
         "hidden_shape": list(out.hidden.shape) if out.hidden is not None else None,
         "activation_checkpointing": cfg.trainer.activation_checkpointing,
@@ -79,7 +79,8 @@ def loss_term_names(cfg: TrainConfig) -> list[str]:
     a shape-only forward of its first MoE layer) and the extra objectives'."""
     m = cfg.model
     n_layers = min(m.n_layers, m.n_dense_layers + 1)  # the layer pattern's first MoE layer
-    small = replace(cfg, model=replace(m, n_layers=n_layers, vocab_size=max(m.vocab_size, 8)))
+    small = replace(cfg, model=replace(m, n_layers=n_layers, share_layers=1,
+                                       vocab_size=max(m.vocab_size, 8)))
     model = build_meta_model(planning_config(small))
     use_balanced_routing(model)
     tokens_BS1 = torch.zeros((1, 3), dtype=torch.int64, device="meta")

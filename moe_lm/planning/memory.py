@@ -172,10 +172,11 @@ def _by_part(snapshot: dict) -> dict[str, int]:
 
 def depth_periods(cfg: TrainConfig) -> tuple[int, int, int]:
     """(prefix, period, count): the layers are `prefix` dense ones, then `count` repeats of a
-    `period`-layer pattern (one MoE layer, moe_every - 1 dense), then a partial repeat."""
+    `period`-layer pattern (one MoE layer, moe_every - 1 dense), then a partial repeat. Under
+    `model.share_layers=N` the pattern is one shared block applied N times (moe_every is then 1)."""
     m = cfg.model
     prefix = min(m.n_dense_layers, m.n_layers)
-    period = m.moe_every
+    period = m.moe_every * m.share_layers
     return prefix, period, (m.n_layers - prefix) // period
 
 

@@ -60,7 +60,8 @@ def start_summary(cfg: TrainConfig, run_dir: Path, device: torch.device, precisi
         f"run dir: {Path(run_dir).resolve()}  (metrics.jsonl, train.log, checkpoints/, .hydra/)",
         f"model: {_millions(counts['total'])} parameters, {_millions(counts['active'])} active per "
         f"token; embedding {_millions(embed)} = {100 * embed / counts['total']:.0f}% of total | "
-        f"{m.n_layers} layers, d_model {m.d_model}, {e.num_experts} experts top-{e.top_k}",
+        f"{m.n_layers} layers{_sharing(m.n_layers, m.share_layers)}, d_model {m.d_model}, "
+        f"{e.num_experts} experts top-{e.top_k}",
         f"device: {device.type}{threads} x {world_size} process(es) | precision "
         f"{precision_text(precision)}",
         f"data: {step_tokens:,} tokens/step ({d.batch_size} seqs x {d.seq_len} tokens x "
@@ -68,6 +69,13 @@ def start_summary(cfg: TrainConfig, run_dir: Path, device: torch.device, precisi
         f"{start} | eval every {t.eval_every}, checkpoint every {t.ckpt_every}",
         *filter(None, [already_complete(step, end, t.max_steps)]),
     ])
+
+
+def _sharing(n_layers: int, share_layers: int) -> str:
+    """' (2 distinct blocks, each applied 2 times)' under model.share_layers, else ''."""
+    if share_layers == 1:
+        return ""
+    return f" ({n_layers // share_layers} distinct blocks, each applied {share_layers} times)"
 
 
 def val_losses(run_dir: Path) -> list[tuple[int, float]]:

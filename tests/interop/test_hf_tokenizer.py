@@ -60,3 +60,16 @@ def test_hf_tokenizer_drives_training_and_the_tools(tmp_path, data_cache):
     loaded = load_model(run, device="cpu")
     assert loaded.tokenizer.name == get_tokenizer(str(tmp_path / "tok")).name
     assert loaded.cfg.model.vocab_size == loaded.tokenizer.n_vocab == 300
+
+
+def test_distillation_accepts_a_teacher_with_the_same_hf_tokenizer_at_another_path(
+        tiny_overrides, tmp_path):
+    """The teacher's tokenizer is compared by its recorded name (hf-<hash>), not the path."""
+    for where in ("a", "b"):
+        save_tokenizer(tmp_path / where)
+    short = [*tiny_overrides, "trainer.max_steps=2", "trainer.ckpt_every=2", "model.n_layers=1"]
+    train_run(tmp_path / "teacher", [*short, f"data.tokenizer={tmp_path / 'a'}"])
+    train_run(tmp_path / "student", [*short, f"data.tokenizer={tmp_path / 'b'}", "loss=distill",
+                                     f"loss.distill_teacher={tmp_path / 'teacher'}"])
+    rows = [r for r in read_metrics(tmp_path / "student") if "distill_kl" in r]
+    assert len(rows) == 2

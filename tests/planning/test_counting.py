@@ -19,6 +19,9 @@ SMALL_CONFIGS = {
                                  "model.n_layers": 5},
     "top1_16_experts_gqa1": {"expert.num_experts": 16, "expert.top_k": 1, "model.n_kv_heads": 1},
     "all_dense": {"model.n_dense_layers": 4},
+    "shared_2_dense_then_moe": {"model.n_dense_layers": 2, "model.share_layers": 2},
+    "shared_4_all_moe_untied": {"model.n_dense_layers": 0, "model.share_layers": 4,
+                                "model.tie_embeddings": False},
 }
 
 
@@ -43,11 +46,13 @@ def test_plan_param_count_equals_the_instantiated_model_exactly(name):
     assert experts["active"] * cfg.expert.num_experts == experts["total"] * cfg.expert.top_k
 
 
-@pytest.mark.parametrize("n_dense_layers", [4, 1])  # all dense; MoE after layer 0
-def test_plan_flops_equal_torch_flop_counter_on_a_real_step(n_dense_layers):
-    # math SDPA (counted as bmm, non-causal) and the per-expert matmul loop: every FLOP visible
+@pytest.mark.parametrize("n_dense_layers, share", [(4, 1), (1, 1), (2, 2)])  # all dense; MoE
+def test_plan_flops_equal_torch_flop_counter_on_a_real_step(n_dense_layers, share):  # after 0; shared
+    # math SDPA (counted as bmm, non-causal) and the per-expert matmul loop: every FLOP visible;
+    # a shared block's weights are counted once but multiply activations once per applied layer
     cfg = make_cfg({"model.n_dense_layers": n_dense_layers, "model.tie_embeddings": False,
-                    "data.seq_len": 64, "data.batch_size": 2}, vocab=512)
+                    "model.share_layers": share, "data.seq_len": 64, "data.batch_size": 2},
+                   vocab=512)
     model = Transformer(cfg.model, cfg.expert, cfg.loss)
     model.init_weights()
     tokens = torch.randint(0, 512, (2, 65))

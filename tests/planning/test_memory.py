@@ -49,3 +49,20 @@ def test_plan_memory_within_25_percent_of_measured_two_process_fsdp_ep_runs(layo
     planned = rank_memory(cfg, "cpu").peak
     measured = measure_training_peak_distributed(cfg)
     assert abs(planned - measured[0]) <= 0.25 * measured[0], (planned, measured)
+
+
+def test_planner_counts_a_shared_block_once_and_its_activations_per_applied_layer():
+    """share_layers=2 over 4 layers: the parameters and AdamW states of the 2-block
+    model; the activations of the 4-layer one (FSDP + EP shards: sharded per distinct block)."""
+    shared = make_cfg({**TINY, "model.n_layers": 4, "model.n_dense_layers": 0,
+                       "model.share_layers": 2})
+    blocks = make_cfg({**TINY, "model.n_layers": 2, "model.n_dense_layers": 0})
+    applied = make_cfg({**TINY, "model.n_layers": 4, "model.n_dense_layers": 0})
+    for cfg in (shared, blocks, applied):
+        cfg.parallel = ParallelConfig(dp_shard=2, ep=2)
+    s, b, a = (measure_rank_memory(c, "cpu") for c in (shared, blocks, applied))
+    for part in ("parameters", "optimizer_states"):
+        assert s.parts[part] == b.parts[part] < a.parts[part], part
+    assert b.parts["activations"] < s.parts["activations"]
+    assert rank_memory(with_depth(shared, 8), "cpu").parts["parameters"] == pytest.approx(
+        measure_rank_memory(with_depth(shared, 8), "cpu").parts["parameters"], rel=1e-3)

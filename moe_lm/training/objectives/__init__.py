@@ -42,7 +42,9 @@ class ExtraObjectives:
         if cfg.loss.distill_coef > 0:
             teacher = load_trained_model(cfg.loss.distill_teacher, device=device.type,
                                          backend=cfg.expert.backend)
-            teacher_tokenizer = teacher.cfg.data.tokenizer  # its checkpoint's canonical name
+            # the checkpoint's canonical name (cl100k_base, or hf-<hash> of a tokenizer.json: the
+            # config's data.tokenizer is then a path, which two runs may spell differently)
+            teacher_tokenizer = teacher.ckpt.meta["identity"]["tokenizer"]
             if teacher_tokenizer != tokenizer_name:
                 raise ConfigError(f"The teacher {cfg.loss.distill_teacher} uses tokenizer "
                                   f"{teacher_tokenizer}, the student {tokenizer_name}: "
