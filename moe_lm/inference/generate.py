@@ -70,7 +70,7 @@ def decode_steps(model: Transformer, prompts: list[list[int]], max_new_tokens: i
     generator = _seeded_generator(device, seed)
     model.eval()
     tokens_BP, pad_B = left_pad(prompts, stop_id or 0, device)
-    cache = KVCache(len(model.layers), tokens_BP.shape[1] + max_new_tokens, pad_B)
+    cache = KVCache(model.cfg.n_layers, tokens_BP.shape[1] + max_new_tokens, pad_B)
     done = [False] * len(prompts)
     step_input_BS = tokens_BP
     for _ in range(max_new_tokens):

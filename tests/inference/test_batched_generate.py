@@ -15,10 +15,10 @@ from moe_lm.model import Transformer
 PROMPTS = [[5, 17, 3, 99, 42, 8, 61, 7, 12], [9, 8], [150, 3, 3, 40, 77]]
 
 
-def small_model() -> Transformer:
+def small_model(n_layers: int = 3, **model_kw) -> Transformer:
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(n_layers=3, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=96,
-                                    vocab_size=200, init_std=0.2),
+    model = Transformer(ModelConfig(n_layers=n_layers, d_model=64, n_heads=4, n_kv_heads=2,
+                                    ffn_hidden=96, vocab_size=200, init_std=0.2, **model_kw),
                         ExpertConfig(num_experts=4, hidden_size=32), LossConfig())
     model.init_weights()
     return model.eval()
@@ -28,6 +28,14 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone_without_ca
     model = small_model()
     batched = generate_batch(model, PROMPTS, 12)
     alone = [list(generate_tokens(model, p, 12, use_cache=False)) for p in PROMPTS]
+    assert batched == alone
+
+
+def test_shared_layers_get_one_cache_entry_per_applied_layer():
+    # 2 distinct blocks applied twice each: the cache must hold 4 layers' keys and values
+    model = small_model(n_layers=4, n_dense_layers=2, share_layers=2)
+    batched = generate_batch(model, PROMPTS, 8)
+    alone = [list(generate_tokens(model, p, 8, use_cache=False)) for p in PROMPTS]
     assert batched == alone
 
 
