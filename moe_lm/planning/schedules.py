@@ -24,6 +24,7 @@ per rank), with forward, input-backward and weight-backward times taken equal:
 
 from __future__ import annotations
 
+from functools import lru_cache
 from types import SimpleNamespace
 
 from torch import nn
@@ -51,9 +52,11 @@ def pipeline_order(schedule: str, pp: int, microbatches: int) -> dict[int, list]
     return {rank: [a for a in actions if a is not None] for rank, actions in order.items()}
 
 
+@lru_cache(maxsize=None)
 def held_microbatches(schedule: str, pp: int, microbatches: int) -> dict[int, list[tuple]]:
     """{pp rank: [(stage of the action, {stage: microbatches held}) per computing action]}:
-    what the rank holds while it runs each forward or backward."""
+    what the rank holds while it runs each forward or backward (cached: read it, never change
+    it)."""
     order = pipeline_order(schedule, pp, microbatches)
     split = any(a.computation_type == _ComputationType.BACKWARD_WEIGHT
                 for actions in order.values() for a in actions)
