@@ -6,14 +6,16 @@ data-parallel ranks sequences per step) and its microbatch (the sequences one fo
 with pp = 1 a data-parallel rank accumulates its share in `grad_accum` micro-steps; with pp > 1
 the same share is one pipeline step of that many microbatches (more microbatches, a smaller
 bubble). Candidates are first ranked by a screen, then measured, best first, with the real code
-(`stage_memory.layout_memory`) until `plan.search_top` fit; only measured rows are printed.
+(`stage_memory.layout_memory`) until `plan.search_top` fit (at most 3 x as many measured), one
+row per (pp, schedule, tp), its best ep x dp_shard; only measured rows are printed.
 
 The screen is analytic and only orders the measurements: the state (16 bytes per parameter: fp32
 weight, gradient and two AdamW moments) of the parameters the rank holds, split as
 `moe_lm.parallel` splits them (experts over ep x dp_shard, replicated over tp; attention, dense
 MLPs and shared experts over tp x dp_shard x ep; the rest over dp_shard x ep), plus the base
-plan's measured non-state bytes scaled by the layer-microbatches the rank holds (from torch's
-schedule) and by 1 / tp (sequence parallel). Step time is the model FLOPs at `plan.peak_tflops`
+plan's measured activations scaled by the layer-microbatches the rank holds (from torch's
+schedule) and by 1 / tp (sequence parallel), and its FSDP all-gather buffers scaled by 1 / ep
+(a MoE block gathers its rank's experts; 1 / tp for a dense model). Step time is the model FLOPs at `plan.peak_tflops`
 x `plan.mfu` times the schedule's bubble factor (`schedules.step_time_factor`); tp and all-to-all
 communication are inside the assumed MFU, so at one GPU count layouts differ by the bubble.
 """
@@ -114,7 +116,11 @@ def screen(cfg: TrainConfig, counts, base_cfg: TrainConfig, base: RankMemory) ->
     n_stages = p.pp * stages_per_rank(p.pp_schedule)
     ranges = split_layers(cfg.model.n_layers, n_stages, None)
     base_state = sum(base.parts[k] for k in ("parameters", "gradients", "optimizer_states"))
-    base_rest = (base.peak - base_state) / base_cfg.model.n_layers * base_cfg.parallel.tp
+    fsdp = base.parts["fsdp_unsharded"]  # one block's all-gathered weights: experts / ep
+    bp = base_cfg.parallel
+    fsdp *= bp.ep / p.ep if cfg.expert.num_experts > 1 else bp.tp / p.tp
+    base_rest = ((base.peak - base_state - base.parts["fsdp_unsharded"])
+                 / base_cfg.model.n_layers * bp.tp)
     held = held_microbatches(p.pp_schedule, p.pp, p.pp_microbatches) if p.pp > 1 else {
         0: [(0, {0: 1})]}
     worst = 0.0
@@ -129,7 +135,7 @@ def screen(cfg: TrainConfig, counts, base_cfg: TrainConfig, base: RankMemory) ->
             if s == n_stages - 1:
                 state += sum(_split(c, n, p) for c, n in rest.items() if c != "embedding")
         layer_mbs = max(sum(n * len(ranges[s]) for s, n in c.items()) for _, c in held[rank])
-        worst = max(worst, state * STATE_BYTES + base_rest * layer_mbs / p.tp)
+        worst = max(worst, state * STATE_BYTES + base_rest * layer_mbs / p.tp + fsdp)
     return worst
 
 
@@ -159,9 +165,10 @@ def world_of(cfg: TrainConfig) -> int:
 
 
 def search_layouts(cfg: TrainConfig, base: RankMemory, capacity: int, ideal_step_s: float,
-                   device_type: str, max_measured: int = 24) -> dict[str, Any]:
+                   device_type: str) -> dict[str, Any]:
     """The `plan.search` table: the best `plan.search_top` measured layouts that fit."""
     mode, top = cfg.plan.search, cfg.plan.search_top
+    max_measured = 3 * top
     gpus = None if mode == "fewest" else (cfg.plan.search_gpus or world_of(cfg))
     counts = _layer_state(cfg)
     rows = []
@@ -173,17 +180,21 @@ def search_layouts(cfg: TrainConfig, base: RankMemory, capacity: int, ideal_step
     if mode == "fewest":
         fitting.sort(key=lambda r: (world_of(r[0]), r[2], r[1]))
     else:
-        fitting.sort(key=lambda r: (r[2], r[0].parallel.tp, r[0].parallel.pp, r[1]))
-    measured, tried = [], 0
+        fitting.sort(key=lambda r: (r[2], r[1]))
+    measured, tried, shown = [], 0, set()
     for c, est, factor in fitting:
         if len(measured) >= top or tried >= max_measured:
             break
+        group = (c.parallel.pp, c.parallel.pp_schedule, c.parallel.tp)
+        if group in shown:  # one row per (pp, schedule, tp): the alternatives differ in kind
+            continue
         tried += 1
         try:
             mem = layout_memory(c, device_type)
         except ConfigError:
             continue
         if mem.peak <= capacity:
+            shown.add(group)
             measured.append(row(c, mem, est, factor, ideal_step_s, world_of(cfg)))
     return {"mode": mode, "gpus": gpus, "candidates": len(rows), "screened_fit": len(fitting),
             "measured": tried, "rows": measured}
