@@ -196,7 +196,8 @@ def format_plan(plan: dict[str, Any]) -> str:
             f"{100 * pipe['bubble']:.1f}%; peak on pp rank {pipe['peak_pp_rank']} (stages "
             f"{pipe['peak_stages']}); per pp rank GiB: "
             + " ".join(f"{b / GIB:.1f}" for b in pipe["memory_per_pp_rank_bytes"]))
-    add("memory per GPU at its peak (rank 0, measured on fake tensors):")
+    where = "the busiest pipeline rank's" if pipe is not None else "rank 0"
+    add(f"memory per GPU at its peak ({where}, measured on fake tensors):")
     for part, nbytes in plan["memory_per_gpu_by_part_bytes"].items():
         label = "  of which all-to-all" if part.startswith("all_to_all") else part
         add(f"  {label:<24}{nbytes / GIB:>10.2f} GiB")
