@@ -93,6 +93,9 @@ def validate(cfg: TrainConfig) -> None:
     _check(pl.device in ("cuda", "cpu"), f"plan.device={pl.device!r}: cuda or cpu.")
     _check(pl.gpu_memory_gb > 0 and pl.peak_tflops > 0 and pl.gpus_per_node >= 1,
            "plan.gpu_memory_gb, plan.peak_tflops and plan.gpus_per_node must be > 0.")
+    _check(pl.search in ("none", "fewest", "fastest") and pl.search_gpus >= 0
+           and pl.search_top >= 1, f"plan.search={pl.search!r} (none, fewest or fastest), "
+           f"plan.search_gpus={pl.search_gpus} (>= 0) and plan.search_top={pl.search_top} (>= 1).")
     _check(0 < pl.mfu <= 1 and 0 <= pl.memory_headroom < 1,
            f"plan.mfu={pl.mfu} must lie in (0, 1] and plan.memory_headroom="
            f"{pl.memory_headroom} in [0, 1).")

@@ -205,6 +205,10 @@ class PlanConfig:
     peak_tflops: float = 989.0  # dense bf16 peak of one accelerator (H100 SXM: 989 TFLOP/s)
     mfu: float = 0.4  # model FLOPs utilisation assumed for step time and time-to-train
     gpus_per_node: int = 8  # for the launch command (torchrun --nproc_per_node)
+    # layout search over (pp, tp, ep, dp_shard) at the same global batch (moe_lm.planning.search):
+    search: str = "none"  # none | fewest (fewest GPUs that fit) | fastest (at search_gpus)
+    search_gpus: int = 0  # the GPU count of `fastest` (0: the config's world size)
+    search_top: int = 5  # alternatives measured and printed
 
 
 @dataclass

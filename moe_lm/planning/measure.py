@@ -16,6 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from moe_lm.config import TrainConfig
 from moe_lm.parallel import build_mesh, clip_grad_norm_, init_on_device, parallelize
+from moe_lm.parallel.pipeline import build_schedule, build_stage_modules, pipeline_step
 from moe_lm.parallel.precision import Precision
 from moe_lm.planning.counting import build_meta_model
 from moe_lm.training.optim import build_optimizer
@@ -42,11 +43,40 @@ def _train_steps(cfg: TrainConfig, steps: int) -> None:
         optimizer.zero_grad(set_to_none=True)
 
 
+def _pipeline_steps(cfg: TrainConfig, steps: int) -> None:
+    """This rank's stages of a `parallel.pp`-rank pipeline (no other mesh dim: one process per
+    stage rank), torch's schedule over `parallel.pp_microbatches`, clip over the stages, AdamW."""
+    import torch.distributed as dist
+
+    p = cfg.parallel
+    microbatches = p.pp_microbatches or p.pp
+    with torch.device("meta"):
+        model = build_meta_model(cfg)
+    ids, modules = build_stage_modules(model, dist.get_rank(), p.pp, p.pp_schedule, p.pp_layers)
+    for m in modules:
+        init_on_device(m, "cpu", cfg.trainer.seed)
+        m.train()
+    optimizer = build_optimizer(torch.nn.ModuleList(modules), cfg.optim)
+    B, S = cfg.data.batch_size, cfg.data.seq_len
+    schedule = build_schedule(modules, ids, p.pp, p.pp_schedule, microbatches,
+                              (B // microbatches, S + 1), torch.device("cpu"), None)
+    gen = torch.Generator().manual_seed(cfg.trainer.seed)
+    for _ in range(steps):
+        batch = torch.randint(0, cfg.model.vocab_size, (B, S + 1), generator=gen)
+        pipeline_step(schedule, modules, batch)
+        clip_grad_norm_([q for m in modules for q in m.parameters()], cfg.optim.grad_clip,
+                        pp_group=dist.group.WORLD)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
 def measure_training_peak(cfg: TrainConfig, steps: int = 2) -> int:
     """Peak bytes of live CPU tensors over `steps` real optimizer steps of `cfg` in this process
-    (vocab_size resolved; a process group initialised when the mesh has more than one rank)."""
+    (vocab_size resolved; a process group initialised when the mesh has more than one rank;
+    with `parallel.pp > 1` the world is the pipeline and this process runs its stages)."""
+    run = _pipeline_steps if cfg.parallel.pp > 1 else _train_steps
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        _train_steps(cfg, steps)
+        run(cfg, steps)
     events = []  # (time, bytes allocated (+) or freed (-), allocator total after it)
 
     def walk(node) -> None:
@@ -83,15 +113,17 @@ def _rank_main(rank: int, cfg: TrainConfig, nprocs: int, init_file: str, out_dir
 
 
 def measure_training_peak_distributed(cfg: TrainConfig, steps: int = 2) -> list[int]:
-    """`measure_training_peak` in each of dp_replicate x dp_shard x ep CPU processes joined by
-    gloo; returns every rank's peak bytes."""
+    """`measure_training_peak` in each of dp_replicate x dp_shard x ep x tp (or, for a
+    pipeline, pp) CPU processes joined by gloo; returns every rank's peak bytes."""
     import os
     import tempfile
 
     import torch.multiprocessing as mp
 
     p = cfg.parallel
-    nprocs = p.dp_replicate * p.dp_shard * p.ep * p.tp
+    nprocs = p.dp_replicate * p.dp_shard * p.ep * p.tp * p.pp
+    if p.pp > 1 and nprocs != p.pp:
+        raise ValueError("a measured pipeline run has one process per stage rank (pp only)")
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
         mp.spawn(_rank_main, args=(cfg, nprocs, init_file, tmp, steps), nprocs=nprocs)

@@ -59,11 +59,14 @@ class RankMemory:
     peak: int
     all_to_all: int
     world_size: int
+    per_pp_rank: list[int] | None = None  # pp > 1: every pipeline rank's peak
+    peak_pp_rank: int = 0  # the pipeline rank whose peak this is
+    peak_stages: list[int] | None = None  # the stages it holds
 
 
 def world_size_of(cfg: TrainConfig) -> int:
     p = cfg.parallel
-    return p.dp_replicate * p.dp_shard * p.ep * p.tp
+    return p.dp_replicate * p.dp_shard * p.ep * p.tp * p.pp
 
 
 @contextlib.contextmanager
@@ -132,8 +135,9 @@ def measure_rank_memory(cfg: TrainConfig, device_type: str = "cuda") -> RankMemo
         # an untracked forward first: FSDP's lazy init and DTensor's sharding-propagation caches
         # (whose global-shape fake tensors are no memory of a real rank); then the optimizer
         # states, from one step on zero gradients
+        n = 2 * cfg.parallel.tp  # a sequence the tp ranks split evenly
         with torch.no_grad(), precision.autocast("cpu"):
-            model(tokens[:1, :3], tokens[:1, 1:4], return_logits=False)
+            model(tokens[:1, :n], tokens[:1, 1:n + 1], return_logits=False)
         if hasattr(model, "reshard"):  # FSDP: back to the sharded parameters
             model.reshard()
         for group in optimizer.param_groups:

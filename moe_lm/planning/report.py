@@ -22,8 +22,11 @@ from moe_lm.planning.counting import (
     layer_counts,
     totals,
 )
-from moe_lm.planning.memory import PARTS, RankMemory, rank_memory, world_size_of
+from moe_lm.planning.memory import PARTS, RankMemory, world_size_of
 from moe_lm.planning.prepare_time import prepare_estimate
+from moe_lm.planning.schedules import bubble_share, step_time_factor
+from moe_lm.planning.search import format_search, search_layouts
+from moe_lm.planning.stage_memory import layout_memory, microbatches_of
 
 GIB = 2 ** 30
 
@@ -52,7 +55,8 @@ def with_dp_shard(cfg: TrainConfig, s: int) -> TrainConfig:
 def min_gpus(cfg: TrainConfig, mem: RankMemory, device_type: str,
              max_tries: int = 4) -> dict[str, Any]:
     """The fewest GPUs of `plan.gpu_memory_gb` that hold one rank's peak, keeping `parallel.ep`,
-    `parallel.dp_replicate` and the per-GPU batch, and changing `parallel.dp_shard`.
+    `parallel.dp_replicate`, `parallel.tp`, `parallel.pp` and the per-GPU batch, and changing
+    `parallel.dp_shard` (`plan.search=fewest` also changes the other degrees).
 
     Parameters, gradients and optimizer states are sharded over dp_shard (every weight is); the
     activations and FSDP's unsharded buffers are not. That split of the measured peak gives the
@@ -74,11 +78,11 @@ def min_gpus(cfg: TrainConfig, mem: RankMemory, device_type: str,
         while not _valid_dp_shard(cfg, s):
             s += 1
         if s not in measured:
-            measured[s] = rank_memory(with_dp_shard(cfg, s), device_type).peak
+            measured[s] = layout_memory(with_dp_shard(cfg, s), device_type).peak
         if measured[s] <= capacity:
             smaller = [k for k, v in measured.items() if v <= capacity and k < s]
             s = min(smaller + [s])
-            return {"gpus": p.dp_replicate * s * p.ep, "dp_shard": s,
+            return {"gpus": p.dp_replicate * s * p.ep * p.tp * p.pp, "dp_shard": s,
                     "peak_bytes": measured[s], "measured": {str(k): v for k, v in measured.items()}}
         s = max(s + 1, math.ceil(s * measured[s] / capacity))
     return {"gpus": None, "dp_shard": None, "measured": {str(k): v for k, v in measured.items()},
@@ -100,14 +104,19 @@ def make_plan(cfg: TrainConfig) -> dict[str, Any]:
                          f"says {closed_form}: one of them is out of date with the model code.")
     flops = flops_per_token(cfg, table)
     device_type = cfg.plan.device
-    mem = rank_memory(cfg, device_type)
+    mem = layout_memory(cfg, device_type)
     world = world_size_of(cfg)
     capacity = gpu_capacity_bytes(cfg)
     fewest = min_gpus(cfg, mem, device_type)
-    d, t = cfg.data, cfg.trainer
-    tokens_per_step = d.batch_size * d.seq_len * t.grad_accum * world
+    d, t, p = cfg.data, cfg.trainer, cfg.parallel
+    data_parallel = world // (p.tp * p.pp)  # tp and pp ranks work on the same sequences
+    tokens_per_step = d.batch_size * d.seq_len * t.grad_accum * data_parallel
     achieved = world * cfg.plan.peak_tflops * 1e12 * cfg.plan.mfu  # FLOP/s
-    step_time = flops["total"] * tokens_per_step / achieved
+    ideal_step = flops["total"] * tokens_per_step / achieved
+    m = microbatches_of(cfg) if p.pp > 1 else 1
+    step_time = ideal_step * step_time_factor(p.pp_schedule, p.pp, m)
+    search = (search_layouts(cfg, mem, capacity, ideal_step, device_type)
+              if cfg.plan.search != "none" else None)
     return {
         "total_params": tot["total"],
         "active_params": tot["active"],
@@ -115,8 +124,12 @@ def make_plan(cfg: TrainConfig) -> dict[str, Any]:
         "layers": layer_counts(cfg),
         "flops_per_token": flops["total"],
         "flops_per_token_by_part": flops,
-        "mesh": {"dp_replicate": cfg.parallel.dp_replicate, "dp_shard": cfg.parallel.dp_shard,
-                 "ep": cfg.parallel.ep, "world_size": world},
+        "mesh": {"pp": p.pp, "dp_replicate": p.dp_replicate, "dp_shard": p.dp_shard,
+                 "ep": p.ep, "tp": p.tp, "world_size": world},
+        "pipeline": None if p.pp == 1 else {
+            "schedule": p.pp_schedule, "microbatches": m, "bubble": bubble_share(
+                p.pp_schedule, p.pp, m), "peak_pp_rank": mem.peak_pp_rank,
+            "peak_stages": mem.peak_stages, "memory_per_pp_rank_bytes": mem.per_pp_rank},
         "activation_checkpointing": t.activation_checkpointing,
         "precision": t.precision,
         "memory_per_gpu_bytes": mem.peak,
@@ -129,6 +142,7 @@ def make_plan(cfg: TrainConfig) -> dict[str, Any]:
         "min_gpus_detail": fewest,
         "tokens_per_step": tokens_per_step,
         "step_time_s": step_time,
+        "layout_search": search,
         "train_tokens": tokens_per_step * t.max_steps,
         "time_to_train_s": step_time * t.max_steps,
         "prepare": prepare_estimate(cfg, tokens_per_step * t.max_steps),
@@ -136,7 +150,10 @@ def make_plan(cfg: TrainConfig) -> dict[str, Any]:
             "plan": asdict(cfg.plan),
             "routing": "balanced (every expert gets tokens*top_k/num_experts rows)",
             "flops": "model FLOPs: 6 x active matmul weights + causal attention; no AC recompute",
-            "memory": "rank 0 of a fake process group running moe_lm.parallel on fake tensors",
+            "memory": "rank 0 of a fake process group running moe_lm.parallel on fake tensors; "
+                      "pp: each stage so, held microbatches from torch's schedule",
+            "bubble": "1F1B (m+p-1)/m, interleaved 1+(p-1)/(vm), zero-bubble: see "
+                      "moe_lm/planning/schedules.py",
         },
         "plan_seconds": round(time.time() - start, 1),
     }
@@ -172,10 +189,17 @@ def format_plan(plan: dict[str, Any]) -> str:
     add(f"training FLOPs per token: {plan['flops_per_token']:.4g} "
         f"(attention {plan['flops_per_token_by_part']['attention_scores']:.3g})")
     m = plan["mesh"]
-    add(f"mesh: dp_replicate {m['dp_replicate']} x dp_shard {m['dp_shard']} x ep {m['ep']} = "
-        f"{m['world_size']} GPUs; activation checkpointing {plan['activation_checkpointing']}; "
-        f"{plan['precision']}")
-    add("memory per GPU at its peak (rank 0, measured on fake tensors):")
+    add(f"mesh: pp {m['pp']} x dp_replicate {m['dp_replicate']} x dp_shard {m['dp_shard']} x "
+        f"ep {m['ep']} x tp {m['tp']} = {m['world_size']} GPUs; activation checkpointing "
+        f"{plan['activation_checkpointing']}; {plan['precision']}")
+    pipe = plan["pipeline"]
+    if pipe is not None:
+        add(f"pipeline: {pipe['schedule']}, {pipe['microbatches']} microbatches, bubble "
+            f"{100 * pipe['bubble']:.1f}%; peak on pp rank {pipe['peak_pp_rank']} (stages "
+            f"{pipe['peak_stages']}); per pp rank GiB: "
+            + " ".join(f"{b / GIB:.1f}" for b in pipe["memory_per_pp_rank_bytes"]))
+    where = "the busiest pipeline rank's" if pipe is not None else "rank 0"
+    add(f"memory per GPU at its peak ({where}, measured on fake tensors):")
     for part, nbytes in plan["memory_per_gpu_by_part_bytes"].items():
         label = "  of which all-to-all" if part.startswith("all_to_all") else part
         add(f"  {label:<24}{nbytes / GIB:>10.2f} GiB")
@@ -194,6 +218,9 @@ def format_plan(plan: dict[str, Any]) -> str:
     add(f"time to train {plan['train_tokens'] / 1e12:.3g}T tokens: "
         f"{_fmt_time(plan['time_to_train_s'])} on {m['world_size']} GPUs")
     add(prepare_line(plan["prepare"]))
+    if plan["layout_search"] is not None:
+        add("")
+        add(format_search(plan["layout_search"]))
     return "\n".join(lines)
 
 
