@@ -3,7 +3,7 @@
     python experiments/plan_pp_tp_memory_check.py
 
 pp: moe_lm.parallel.pipeline's stages under torch's schedule, one process per stage rank (the
-Trainer does not run pp yet); tp: the Trainer's parallelize. Prints planned and measured bytes
+Trainer's stages and schedules); tp: the Trainer's parallelize. Prints planned and measured bytes
 per rank and their ratio.
 """
 
@@ -13,8 +13,9 @@ from moe_lm.planning.stage_memory import layout_memory
 from tests.planning.test_counting import make_cfg
 from tests.planning.test_layouts import PIPE
 
-LAYOUTS = [{"pp": 2}, {"pp": 2, "pp_schedule": "Interleaved1F1B"},
-           {"pp": 2, "pp_schedule": "ZBVZeroBubble"}, {"tp": 2}]
+M2 = {"pp": 2, "pp_microbatches": 2}
+LAYOUTS = [M2, {**M2, "pp_schedule": "Interleaved1F1B"}, {**M2, "pp_schedule": "ZBVZeroBubble"},
+           {"tp": 2}]
 
 
 def main() -> None:

@@ -16,7 +16,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from moe_lm.config import TrainConfig
 from moe_lm.parallel import build_mesh, clip_grad_norm_, init_on_device, parallelize
-from moe_lm.parallel.pipeline import build_schedule, build_stage_modules, pipeline_step
+from moe_lm.parallel.pipeline import (build_schedule, build_stage_modules, pipeline_step,
+                                      step_microbatches)
 from moe_lm.parallel.precision import Precision
 from moe_lm.planning.counting import build_meta_model
 from moe_lm.training.optim import build_optimizer
@@ -45,11 +46,12 @@ def _train_steps(cfg: TrainConfig, steps: int) -> None:
 
 def _pipeline_steps(cfg: TrainConfig, steps: int) -> None:
     """This rank's stages of a `parallel.pp`-rank pipeline (no other mesh dim: one process per
-    stage rank), torch's schedule over `parallel.pp_microbatches`, clip over the stages, AdamW."""
+    stage rank), torch's schedule over the Trainer's microbatches (`step_microbatches`: the
+    step's grad_accum x data.batch_size sequences), clip over the stages, AdamW."""
     import torch.distributed as dist
 
     p = cfg.parallel
-    microbatches = p.pp_microbatches or p.pp
+    microbatches = step_microbatches(cfg)
     with torch.device("meta"):
         model = build_meta_model(cfg)
     ids, modules = build_stage_modules(model, dist.get_rank(), p.pp, p.pp_schedule, p.pp_layers)
@@ -57,7 +59,7 @@ def _pipeline_steps(cfg: TrainConfig, steps: int) -> None:
         init_on_device(m, "cpu", cfg.trainer.seed)
         m.train()
     optimizer = build_optimizer(torch.nn.ModuleList(modules), cfg.optim)
-    B, S = cfg.data.batch_size, cfg.data.seq_len
+    B, S = cfg.trainer.grad_accum * cfg.data.batch_size, cfg.data.seq_len
     schedule = build_schedule(modules, ids, p.pp, p.pp_schedule, microbatches,
                               (B // microbatches, S + 1), torch.device("cpu"), None)
     gen = torch.Generator().manual_seed(cfg.trainer.seed)

@@ -29,7 +29,6 @@ import warnings
 from dataclasses import dataclass, replace
 
 import torch
-from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed._tools.mem_tracker import MemTracker
@@ -39,7 +38,7 @@ from moe_lm.errors import ConfigError
 from moe_lm.model import is_moe_layer
 from moe_lm.parallel import build_mesh, parallelize
 from moe_lm.parallel.pipeline import (StageModule, check_pipeline, split_layers, stage_indices,
-                                      stages_per_rank, term_coefs)
+                                      stages_per_rank, step_microbatches, term_coefs)
 from moe_lm.parallel.precision import Precision
 from moe_lm.planning.balanced import use_balanced_routing
 from moe_lm.planning.counting import build_meta_model
@@ -58,27 +57,21 @@ class StageMemory:
     all_to_all: int
 
 
-class _Blocks(nn.ModuleList):
-    """A stage's blocks as the list `moe_lm.parallel` walks (`model.layers`); `values()` is what
-    `StageModule.forward` iterates."""
-
-    def values(self):
-        return iter(self)
-
-
 def microbatches_of(cfg: TrainConfig) -> int:
-    """`parallel.pp_microbatches`, 0 meaning one per pipeline rank."""
-    return cfg.parallel.pp_microbatches or cfg.parallel.pp
+    """Microbatches per optimizer step, as the Trainer cuts them (`step_microbatches`:
+    `parallel.pp_microbatches`, 0 meaning one per `trainer.grad_accum` micro-batch)."""
+    return step_microbatches(cfg)
 
 
 def microbatch_size(cfg: TrainConfig) -> int:
-    """Sequences per microbatch: a pipeline step splits data.batch_size into the microbatches."""
-    m = microbatches_of(cfg)
-    if cfg.data.batch_size % m:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} does not split into "
-                          f"parallel.pp_microbatches={m} equal microbatches: make the batch a "
-                          "multiple of the microbatches.")
-    return cfg.data.batch_size // m
+    """Sequences per microbatch: a pipeline step splits its trainer.grad_accum x data.batch_size
+    sequences per rank into the microbatches (as the Trainer does)."""
+    m, rows = microbatches_of(cfg), cfg.trainer.grad_accum * cfg.data.batch_size
+    if rows % m:
+        raise ConfigError(f"trainer.grad_accum x data.batch_size = {rows} sequences do not split "
+                          f"into parallel.pp_microbatches={m} equal microbatches: choose a "
+                          "divisor.")
+    return rows // m
 
 
 def stage_config(cfg: TrainConfig) -> TrainConfig:
@@ -92,7 +85,6 @@ def _stage_module(cfg: TrainConfig, blocks: list[int], first: bool, last: bool) 
     model = build_meta_model(cfg)
     n_moe = sum(b.is_moe for b in model.layers)
     stage = StageModule(model, blocks, first, last, term_coefs(model), n_moe)
-    stage.layers = _Blocks(stage.layers.values())
     return stage
 
 

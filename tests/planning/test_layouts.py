@@ -29,10 +29,10 @@ def test_in_flight_microbatches_are_torchs_schedules(pp):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("layout", [{"pp": 2}, {"tp": 2}])
+@pytest.mark.parametrize("layout", [{"pp": 2, "pp_microbatches": 2}, {"tp": 2}])
 def test_plan_memory_within_25_percent_of_measured_two_process_pp_and_tp_runs(layout):
     # pp: every pipeline rank's planned peak against that rank of a real run of
-    # moe_lm.parallel.pipeline's stages and torch's schedule (the Trainer does not run pp yet);
+    # moe_lm.parallel.pipeline's stages and torch's schedule (the Trainer's stages and schedules);
     # tp: the Trainer's parallelize, rank 0
     cfg = make_cfg(PIPE, vocab=100277)
     cfg.parallel = ParallelConfig(**layout)
