@@ -27,8 +27,8 @@ from typing import Any
 
 from moe_lm.config import TrainConfig
 from moe_lm.errors import ConfigError
-from moe_lm.parallel.pipeline import SCHEDULES, check_pipeline, split_layers, stage_indices, \
-    stages_per_rank
+from moe_lm.parallel.pipeline import (SCHEDULES, check_pipeline_run, split_layers,
+                                      stage_indices, stages_per_rank)
 from moe_lm.parallel.tensor_parallel import check_tensor_parallel
 from moe_lm.planning.counting import build_meta_model, component_of
 from moe_lm.planning.memory import RankMemory
@@ -81,7 +81,9 @@ def layout(cfg: TrainConfig, pp: int, schedule: str, tp: int, ep: int, dp_shard:
         check_tensor_parallel(out)
         if cfg.expert.num_experts % ep:
             return None
-        check_pipeline(cfg.model, pp, schedule, n_micro, None)
+        if pp > 1 and tp > 1:  # the Trainer refuses pp x tp (moe_lm.parallel.mesh)
+            return None
+        check_pipeline_run(out)  # only what the Trainer runs: its schedules, microbatches
         if pp > 1:
             held_microbatches(schedule, pp, n_micro)  # torch refuses some (m, pp) pairs
     except (ConfigError, ValueError):
