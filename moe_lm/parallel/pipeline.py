@@ -39,11 +39,11 @@ from moe_lm.model.moe import MoEStats
 from moe_lm.model.transformer import Transformer, rotary_tables
 
 SCHEDULES = ("1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble")
+# the schedules that split the backward into input- and weight-gradient passes
+SPLIT_BACKWARD = ("InterleavedZeroBubble", "ZBVZeroBubble")
 # the zero-bubble schedules: ZBVZeroBubble equals one process on plain stages (the library tests);
 # inside the Trainer (FSDP2 stages, its data and evaluation) they are not there yet
 TRAINER_REFUSED = {
-    "InterleavedZeroBubble": "it gives other gradients than one process in the Trainer (its "
-                             "split weight-gradient pass on FSDP2 stages is the suspect)",
     "ZBVZeroBubble": "torch's schedule cannot run the forward-only evaluation (the validation "
                      "loss), and its split weight-gradient pass is unverified on FSDP2 stages",
 }

@@ -141,6 +141,22 @@ def test_interleaved_pipeline_equals_single_process(tmp_path, pipe_overrides):
 
 
 @pytest.mark.slow
+def test_zero_bubble_pipeline_equals_single_process(tmp_path, pipe_overrides):
+    """InterleavedZeroBubble: 4 stages of one block, 2 per rank, the backward split into input-
+    and weight-gradient passes on FSDP2 stages (their blocks kept gathered from forward to
+    backward: resharded ones lost their weight gradients)."""
+    overrides = [*pipe_overrides, "model.n_layers=4"]
+    train_in_process(tmp_path / "single", overrides)
+    _torchrun(tmp_path / "pp2", [*overrides, "parallel.pp=2",
+                                 "parallel.pp_schedule=InterleavedZeroBubble"])
+    _assert_same_run(tmp_path / "pp2", tmp_path / "single", what="pp=2 InterleavedZeroBubble")
+    assert _routing(tmp_path / "pp2") == _routing(tmp_path / "single")
+    val, want = _val(tmp_path / "pp2"), _val(tmp_path / "single")
+    assert sorted(val) == sorted(want) == [0, STEPS]
+    assert_losses_close(val, want, [0, STEPS], "val_loss")
+
+
+@pytest.mark.slow
 def test_pipeline_2_with_expert_parallel_2_equals_single_process(tmp_path, pipe_overrides):
     """4 processes: 2 stages, each split over 2 EP ranks that read half the batch each (dense
     weights FSDP-sharded over them); full activation checkpointing on the way (it changes
@@ -198,8 +214,6 @@ def test_pipeline_sigterm_on_one_rank_checkpoints_once_and_exits(tmp_path, pipe_
     (["parallel.pp=2", "trainer.compile=true"], r"trainer.compile=true with parallel.pp > 1"),
     (["parallel.pp=2", "parallel.pp_schedule=ZBVZeroBubble", "model.n_layers=4"],
      r"parallel.pp_schedule=ZBVZeroBubble does not run in the Trainer yet"),
-    (["parallel.pp=2", "parallel.pp_schedule=InterleavedZeroBubble", "model.n_layers=4"],
-     r"parallel.pp_schedule=InterleavedZeroBubble does not run in the Trainer yet"),
 ])
 def test_impossible_pipelines_fail_before_the_model(tmp_path, tiny_overrides, change, match,
                                                     no_model_allocation):  # noqa: F811
