@@ -78,7 +78,7 @@ class PipelineRunner:
         self.eval_schedule = build_schedule(self.stages, self.ids, par.pp,
                                             par.pp_schedule,
                                             self.n, (d.batch_size, d.seq_len + 1), device,
-                                            self.group)
+                                            self.group, forward_only=True)
 
     def _from_last_stage(self, out: torch.Tensor | None, width: int) -> torch.Tensor:
         """The last stage's values on every rank of the pipeline group."""
