@@ -42,10 +42,6 @@ from moe_lm.model.transformer import Transformer, rotary_tables
 SCHEDULES = ("1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble")
 # the schedules that split the backward into input- and weight-gradient passes
 SPLIT_BACKWARD = ("InterleavedZeroBubble", "ZBVZeroBubble")
-# the zero-bubble schedules: ZBVZeroBubble equals one process on plain stages (the library tests);
-# inside the Trainer (FSDP2 stages, its data and evaluation) they are not there yet
-TRAINER_REFUSED = {
-}
 
 
 def stages_per_rank(schedule: str) -> int:
@@ -107,10 +103,6 @@ def check_pipeline_run(cfg: TrainConfig) -> None:
         return
     n = step_microbatches(cfg)
     check_pipeline(cfg.model, par.pp, par.pp_schedule, n, par.pp_layers)
-    if par.pp_schedule in TRAINER_REFUSED:
-        raise ConfigError(
-            f"parallel.pp_schedule={par.pp_schedule} does not run in the Trainer yet: "
-            f"{TRAINER_REFUSED[par.pp_schedule]}. Use 1F1B or Interleaved1F1B.")
     rows = t.grad_accum * cfg.data.batch_size
     if rows % n:
         raise ConfigError(

@@ -159,6 +159,22 @@ def test_zero_bubble_pipeline_equals_single_process(tmp_path, pipe_overrides, sc
 
 
 @pytest.mark.slow
+def test_zero_bubble_pipeline_with_fsdp_shards_equals_fsdp(tmp_path, pipe_overrides):
+    """4 processes, ZBVZeroBubble over 2 stages per rank, each stage FSDP2-sharded over 2 ranks
+    that read half the batch each: the split backward's weight gradients reach FSDP's
+    reduce-scatter. Against dp_shard=2 without a pipeline (the same ranks' batches; 2-rank data
+    parallelism itself differs from one process, see the pp=2 x ep=2 test)."""
+    overrides = [o for o in pipe_overrides if not o.startswith("data.batch_size")]
+    per_rank = [*overrides, "data.batch_size=4", "parallel.dp_shard=2", "model.n_layers=4"]
+    _torchrun(tmp_path / "dp2", per_rank)
+    _torchrun(tmp_path / "pp2dp2", [*per_rank, "parallel.pp=2",
+                                    "parallel.pp_schedule=ZBVZeroBubble"], nproc=4)
+    _assert_same_run(tmp_path / "pp2dp2", tmp_path / "dp2", what="pp=2 ZBV x dp_shard=2")
+    val, want = _val(tmp_path / "pp2dp2"), _val(tmp_path / "dp2")
+    assert_losses_close(val, want, [0, STEPS], "val_loss")
+
+
+@pytest.mark.slow
 def test_pipeline_2_with_expert_parallel_2_equals_single_process(tmp_path, pipe_overrides):
     """4 processes: 2 stages, each split over 2 EP ranks that read half the batch each (dense
     weights FSDP-sharded over them); full activation checkpointing on the way (it changes
