@@ -138,6 +138,9 @@ def test_interleaved_pipeline_equals_single_process(tmp_path, pipe_overrides):
     routing = _routing(tmp_path / "pp2")
     assert routing == _routing(tmp_path / "single")
     assert len(routing[1]) == 3  # MoE blocks 1-3, on stages of both ranks
+    val, want = _val(tmp_path / "pp2"), _val(tmp_path / "single")
+    assert sorted(val) == sorted(want) == [0, STEPS]  # through the forward-only schedule
+    assert_losses_close(val, want, [0, STEPS], "val_loss")
 
 
 @pytest.mark.slow
