@@ -78,7 +78,7 @@ class ParallelConfig:
     dp_replicate: int = 1
     tp: int = 1  # tensor parallel degree (attention, dense MLPs, shared experts; sequence parallel)
     pp: int = 1  # pipeline ranks (moe_lm.parallel.pipeline, outermost mesh dim)
-    # 1F1B | Interleaved1F1B (the Trainer); InterleavedZeroBubble | ZBVZeroBubble (library only)
+    # 1F1B | Interleaved1F1B | InterleavedZeroBubble | ZBVZeroBubble (torch's schedules)
     pp_schedule: str = "1F1B"
     pp_microbatches: int = 0  # microbatches per step under pp (0: one per trainer.grad_accum)
     pp_layers: Optional[List[int]] = None  # blocks per stage (None: an even split)

@@ -44,13 +44,16 @@ def expert_shard_dim(shape: torch.Size, dp_shard: int) -> int:
 
 
 def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: TrainConfig,
-                precision: Precision | None = None) -> nn.Module:
+                precision: Precision | None = None, reshard_after_forward: bool = True
+                ) -> nn.Module:
     """Applies activation checkpointing, expert parallelism and FSDP2 to `model` in place.
 
     Works on a meta-device model and with any process-group backend (gloo, nccl, or torch's fake
     backend for planning). With `mesh=None` (one process) only activation checkpointing applies.
     `precision` (default: `trainer.precision` on the mesh's device) sets FSDP2's mixed precision;
     the planner passes the target device's, its own mesh being on the CPU.
+    `reshard_after_forward=False` keeps the blocks' weights gathered from forward to backward:
+    the pipeline's split backward (zero-bubble schedules) needs it (see `pipeline_step`).
     """
     check_tensor_parallel(cfg)
     apply_activation_checkpointing(model, cfg.trainer.activation_checkpointing)
@@ -75,6 +78,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: TrainConfig,
                 distribute_experts(moe.experts, mesh["ep"])
                 ep_group = mesh["ep"].get_group()
                 fully_shard(moe.experts, mesh=expert_fsdp_mesh(mesh), mp_policy=mp,
+                            reshard_after_forward=reshard_after_forward,
                             shard_placement_fn=lambda p: Shard(expert_shard_dim(p.shape, dp_shard)))
                 # each rank's expert gradient already sums the tokens of its EP group: divide
                 # the FSDP sum over the remaining ranks by the whole data-parallel world
@@ -83,7 +87,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: TrainConfig,
                     moe.experts.set_force_sum_reduction_for_comms(True)
             moe.set_dispatcher(ExpertParallelDispatcher(moe.cfg.num_experts, stage_group(mesh),
                                                         ep_group))
-        fully_shard(block, mesh=dense, mp_policy=mp, shard_placement_fn=placement)
+        fully_shard(block, mesh=dense, mp_policy=mp, shard_placement_fn=placement,
+                    reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=dense, mp_policy=mp, shard_placement_fn=placement)
     return model
 

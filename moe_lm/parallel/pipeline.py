@@ -29,8 +29,9 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
-from torch.distributed.pipelining.schedules import (PipelineScheduleMulti,
-                                                    get_schedule_class)
+from torch.distributed.pipelining.schedules import (FORWARD, RECV_F, RESHARD, SEND_F,
+                                                    UNSHARD, PipelineScheduleMulti,
+                                                    _PipelineScheduleRuntime, get_schedule_class)
 
 from moe_lm.config import ModelConfig, TrainConfig
 from moe_lm.errors import ConfigError
@@ -39,14 +40,8 @@ from moe_lm.model.moe import MoEStats
 from moe_lm.model.transformer import Transformer, rotary_tables
 
 SCHEDULES = ("1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble")
-# the zero-bubble schedules: ZBVZeroBubble equals one process on plain stages (the library tests);
-# inside the Trainer (FSDP2 stages, its data and evaluation) they are not there yet
-TRAINER_REFUSED = {
-    "InterleavedZeroBubble": "it gives other gradients than one process in the Trainer (its "
-                             "split weight-gradient pass on FSDP2 stages is the suspect)",
-    "ZBVZeroBubble": "torch's schedule cannot run the forward-only evaluation (the validation "
-                     "loss), and its split weight-gradient pass is unverified on FSDP2 stages",
-}
+# the schedules that split the backward into input- and weight-gradient passes
+SPLIT_BACKWARD = ("InterleavedZeroBubble", "ZBVZeroBubble")
 
 
 def stages_per_rank(schedule: str) -> int:
@@ -108,10 +103,6 @@ def check_pipeline_run(cfg: TrainConfig) -> None:
         return
     n = step_microbatches(cfg)
     check_pipeline(cfg.model, par.pp, par.pp_schedule, n, par.pp_layers)
-    if par.pp_schedule in TRAINER_REFUSED:
-        raise ConfigError(
-            f"parallel.pp_schedule={par.pp_schedule} does not run in the Trainer yet: "
-            f"{TRAINER_REFUSED[par.pp_schedule]}. Use 1F1B or Interleaved1F1B.")
     rows = t.grad_accum * cfg.data.batch_size
     if rows % n:
         raise ConfigError(
@@ -261,9 +252,11 @@ def stage_io(module: StageModule, micro_BS1: tuple[int, int]) -> tuple[tuple, tu
 
 
 def build_schedule(modules: list[StageModule], ids: list[int], pp: int, schedule: str,
-                   microbatches: int, micro_BS1: tuple[int, int], device: torch.device, group):
+                   microbatches: int, micro_BS1: tuple[int, int], device: torch.device, group,
+                   forward_only: bool = False):
     """torch's schedule over this rank's stages; its loss is the first entry of the last
-    stage's output (gradients are averaged over the microbatches)."""
+    stage's output (gradients are averaged over the microbatches). `forward_only`: for
+    `eval()` (the validation loss)."""
     n_stages = pp * stages_per_rank(schedule)
     stages = []
     for m, i in zip(modules, ids):
@@ -275,9 +268,19 @@ def build_schedule(modules: list[StageModule], ids: list[int], pp: int, schedule
     def loss_fn(out, target):
         return out[0].clone()  # not a view: zero-bubble schedules detach the loss in place
 
-    if issubclass(cls, PipelineScheduleMulti):
-        return cls(stages, n_microbatches=microbatches, loss_fn=loss_fn)
-    return cls(stages[0], n_microbatches=microbatches, loss_fn=loss_fn)
+    if not issubclass(cls, PipelineScheduleMulti):
+        return cls(stages[0], n_microbatches=microbatches, loss_fn=loss_fn)
+    built = cls(stages, n_microbatches=microbatches, loss_fn=loss_fn)
+    if forward_only and isinstance(built, _PipelineScheduleRuntime):
+        # torch's eval() runs the schedule's whole action list, and ZBVZeroBubble's holds
+        # backward-input actions that fail without a backward: keep its forward actions, their
+        # sends and receives and the stages' unshard/reshard, in torch's order (torch's own
+        # lowering would refuse a schedule without backwards)
+        keep = (FORWARD, SEND_F, RECV_F, UNSHARD, RESHARD)
+        built.pipeline_order_with_comms = {
+            rank: [a for a in actions if a.computation_type in keep]
+            for rank, actions in built.pipeline_order_with_comms.items()}
+    return built
 
 
 def pipeline_step(schedule, stage_modules: list[StageModule], batch_BS1: torch.Tensor,

@@ -30,8 +30,8 @@ from moe_lm.config import TrainConfig
 from moe_lm.model import Transformer
 from moe_lm.model.moe import MoEStats
 from moe_lm.parallel import parallelize, seeded_init
-from moe_lm.parallel.pipeline import (PipelineParts, build_schedule, build_stage_modules,
-                                      pipeline_step, step_microbatches)
+from moe_lm.parallel.pipeline import (SPLIT_BACKWARD, PipelineParts, build_schedule,
+                                      build_stage_modules, pipeline_step, step_microbatches)
 from moe_lm.parallel.precision import Precision
 
 
@@ -47,8 +47,13 @@ class PipelineRunner:
         self.ids, self.stages = build_stage_modules(model, mesh["pp"].get_local_rank(), par.pp,
                                                     par.pp_schedule, par.pp_layers)
         self.parts = PipelineParts(model, self.stages)
+        # torch's split backward (zero-bubble schedules) takes the stage's weights as they are
+        # registered when the input-gradient pass starts: resharded blocks would hold their
+        # sharded parameters then, not the gathered ones of the graph, and their weight
+        # gradients would be lost; so the blocks stay gathered from forward to backward
+        split = par.pp_schedule in SPLIT_BACKWARD
         for stage in self.stages:  # each stage is its own FSDP root
-            parallelize(stage, mesh, cfg, precision)
+            parallelize(stage, mesh, cfg, precision, reshard_after_forward=not split)
         self.n = step_microbatches(cfg)
         self.n_moe = sum(b.is_moe for b in model.layers)
         self.n_terms = len(self.stages[0].term_names)
@@ -73,7 +78,7 @@ class PipelineRunner:
         self.eval_schedule = build_schedule(self.stages, self.ids, par.pp,
                                             par.pp_schedule,
                                             self.n, (d.batch_size, d.seq_len + 1), device,
-                                            self.group)
+                                            self.group, forward_only=True)
 
     def _from_last_stage(self, out: torch.Tensor | None, width: int) -> torch.Tensor:
         """The last stage's values on every rank of the pipeline group."""
