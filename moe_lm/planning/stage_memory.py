@@ -37,8 +37,9 @@ from moe_lm.config import TrainConfig
 from moe_lm.errors import ConfigError
 from moe_lm.model import is_moe_layer
 from moe_lm.parallel import build_mesh, parallelize
-from moe_lm.parallel.pipeline import (StageModule, check_pipeline, split_layers, stage_indices,
-                                      stages_per_rank, step_microbatches, term_coefs)
+from moe_lm.parallel.pipeline import (SPLIT_BACKWARD, StageModule, check_pipeline, split_layers,
+                                      stage_indices, stages_per_rank, step_microbatches,
+                                      term_coefs)
 from moe_lm.parallel.precision import Precision
 from moe_lm.planning.balanced import use_balanced_routing
 from moe_lm.planning.counting import build_meta_model
@@ -121,7 +122,9 @@ def measure_stage(cfg: TrainConfig, blocks: list[int], first: bool, last: bool,
             stack.enter_context(fake_world(world))
         mesh = build_mesh(p, "cpu", cfg.expert)
         stage = _stage_module(cfg, blocks, first, last)
-        parallelize(stage, mesh, cfg, precision)
+        # as the Trainer builds it: split-backward (zero-bubble) stages keep blocks gathered
+        parallelize(stage, mesh, cfg, precision,
+                    reshard_after_forward=p.pp_schedule not in SPLIT_BACKWARD)
         use_balanced_routing(stage)
         stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
         stage.to_empty(device="cpu")
