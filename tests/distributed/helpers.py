@@ -13,6 +13,9 @@ from pathlib import Path
 
 import torch.multiprocessing as mp
 
+from moe_lm.training.checkpoint import list_checkpoints
+from tests.conftest import read_metrics
+
 WORLD = 2
 STEPS = 5
 REL_TOL = 1e-5
@@ -79,3 +82,15 @@ def spawn_ranks(fn, args: tuple, out_dir: Path, world: int = WORLD,
             if p.is_alive():
                 p.kill()
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def assert_stopped_before_step(ranks: list[dict], run: Path, step: int) -> None:
+    """Every rank stopped with a TrainingError naming `step`, before its optimizer step: the
+    earlier steps are logged and nothing was saved from the poisoned step."""
+    for r, result in enumerate(ranks):
+        assert not result["ok"] and result["type"] == "TrainingError", (r, result)
+        assert f"step {step}" in result["message"]
+        assert "optimizer step was not taken" in result["message"]
+    assert [row["step"] for row in read_metrics(run) if "loss" in row] == list(range(1, step))
+    assert list_checkpoints(run) == []
+

@@ -7,7 +7,7 @@ import pytest
 from moe_lm.training.checkpoint import list_checkpoints
 from tests.conftest import read_metrics
 from tests.distributed.conftest import PER_RANK_BATCH
-from tests.distributed.helpers import spawn_ranks
+from tests.distributed.helpers import assert_stopped_before_step, spawn_ranks
 from tests.distributed.workers import train_rank
 
 pytestmark = pytest.mark.distributed
@@ -17,11 +17,7 @@ def test_nan_on_one_rank_stops_both_before_the_step(tmp_path, dist_overrides):
     run = tmp_path / "run"
     ranks = spawn_ranks(train_rank, (str(run), [*dist_overrides, f"data.batch_size={PER_RANK_BATCH}",
                                                  "parallel.dp_shard=2"], "nan", 3), tmp_path / "out")
-    for r, result in enumerate(ranks):
-        assert not result["ok"] and result["type"] == "TrainingError", (r, result)
-        assert "step 3" in result["message"] and "optimizer step was not taken" in result["message"]
-    assert [row["step"] for row in read_metrics(run) if "loss" in row] == [1, 2]
-    assert list_checkpoints(run) == []  # nothing saved from the poisoned step
+    assert_stopped_before_step(ranks, run, 3)
 
 
 @pytest.mark.slow
