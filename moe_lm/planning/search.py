@@ -183,7 +183,7 @@ def search_layouts(cfg: TrainConfig, base: RankMemory, capacity: int, ideal_step
         fitting.sort(key=lambda r: (world_of(r[0]), r[2], r[1]))
     else:
         fitting.sort(key=lambda r: (r[2], r[1]))
-    measured, tried, shown = [], 0, set()
+    measured, tried, shown, over = [], 0, set(), []
     for c, est, factor in fitting:
         if len(measured) >= top or tried >= max_measured:
             break
@@ -195,11 +195,15 @@ def search_layouts(cfg: TrainConfig, base: RankMemory, capacity: int, ideal_step
             mem = layout_memory(c, device_type)
         except ConfigError:
             continue
+        r = row(c, mem, est, factor, ideal_step_s, world_of(cfg))
+        shown.add(group)  # its lowest screened split measured: give the next kind its turn
         if mem.peak <= capacity:
-            shown.add(group)
-            measured.append(row(c, mem, est, factor, ideal_step_s, world_of(cfg)))
+            measured.append(r)
+        else:
+            over.append(r)  # passed the screen, but measured over: shown as the alternative
+    over_rows = sorted(over, key=lambda r: r["peak_bytes"])[:top]
     return {"mode": mode, "gpus": gpus, "candidates": len(rows), "screened_fit": len(fitting),
-            "measured": tried, "rows": measured}
+            "measured": tried, "rows": measured, "over_rows": over_rows}
 
 
 def row(c: TrainConfig, mem: RankMemory, est: float, factor: float, ideal_step_s: float,
@@ -226,13 +230,20 @@ def format_search(result: dict[str, Any]) -> str:
              f"{'dp_sh':>5} {'peak GiB':>9} {'@pp rank':>8} {'bubble':>7} {'step s':>7} "
              f"{'days':>6}"]
     for i, r in enumerate(result["rows"], 1):
-        at = "-" if r["peak_pp_rank"] is None else str(r["peak_pp_rank"])
-        lines.append(
-            f"{i:>2} {r['gpus']:>5} {r['pp']:>3} {r['schedule']:<22}{r['microbatches']:>4} "
-            f"{r['tp']:>3} {r['ep']:>3} {r['dp_shard']:>5} {r['peak_bytes'] / GIB:>9.2f} "
-            f"{at:>8} {100 * r['bubble']:>6.1f}% {r['step_time_s']:>7.2f} "
-            f"{r['time_to_train_s'] / 86400:>6.1f}")
+        lines.append(_format_row(str(i), r))
+    if result.get("over_rows"):
+        lines.append("measured, but over the usable memory (the screen's best split of each pp, schedule, tp):")
+        lines += [_format_row("x", r) for r in result["over_rows"]]
     if not result["rows"]:
         lines.append("  no measured layout fits: lower data.batch_size or data.seq_len, or use "
                      "trainer.activation_checkpointing=full")
     return "\n".join(lines)
+
+
+def _format_row(label: str, r: dict[str, Any]) -> str:
+    at = "-" if r["peak_pp_rank"] is None else str(r["peak_pp_rank"])
+    return (f"{label:>2} {r['gpus']:>5} {r['pp']:>3} {r['schedule']:<22}{r['microbatches']:>4} "
+            f"{r['tp']:>3} {r['ep']:>3} {r['dp_shard']:>5} {r['peak_bytes'] / GIB:>9.2f} "
+            f"{at:>8} {100 * r['bubble']:>6.1f}% {r['step_time_s']:>7.2f} "
+            f"{r['time_to_train_s'] / 86400:>6.1f}")
+
