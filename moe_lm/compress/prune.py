@@ -47,8 +47,9 @@ def expert_usage(model: Transformer, batches: Iterable[torch.Tensor],
             out = model(batch[:, :-1], batch[:, 1:], return_logits=False)
         counts = [s.tokens_per_expert.detach().float().cpu() for s in out.moe_stats]
         usage = counts if not usage else [u + c for u, c in zip(usage, counts)]
-    N = model.cfg.share_layers  # the applied MoE layers of one shared block are consecutive
-    return [sum(usage[j:j + N]) for j in range(0, len(usage), N)]
+    applied = [b for b in model.applied_layers() if b.is_moe]  # the block of each usage row
+    return [sum(u for u, b in zip(usage, applied) if b is block)
+            for block in model.layers if block.is_moe]
 
 
 def kept_experts(usage_E: torch.Tensor, keep: int) -> torch.Tensor:

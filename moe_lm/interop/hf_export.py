@@ -28,14 +28,13 @@ def export(path: str | Path, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(out_dir)
+    _share_note(out_dir, loaded.cfg.model.share_layers)
     tok = loaded.tokenizer
     if isinstance(tok, HFTokenizer):
-        _share_note(out_dir, loaded.cfg.model.share_layers)
         for name in TOKENIZER_FILES:
             if (tok.files_dir / name).is_file() and name != "generation_config.json":
                 shutil.copy2(tok.files_dir / name, out_dir / name)
         return out_dir
-    _share_note(out_dir, loaded.cfg.model.share_layers)
     note = tokenizer_note(tok, loaded.ckpt.path)  # a recipe that works offline for cl100k_base
     (out_dir / NOTE_NAME).write_text(json.dumps(note, indent=1))
     return out_dir

@@ -160,7 +160,8 @@ def export_tensors(model, family: str, m: ModelConfig, e: ExpertConfig,
     (the renormalised weights of whatever k are picked sum to 1), and narrower matrices are
     zero-padded to the one intermediate size `inter`, both exact. Qwen3-MoE keeps dense layers.
     HF formats have no cross-layer sharing: a `model.share_layers` block is written out once per
-    applied layer (n_layers copies: the same logits, the blocks' weights take share_layers times the space).
+    applied layer (n_layers copies: the same logits, the blocks' weights take share_layers times
+    the space).
     """
     E, G, H = e.num_experts, m.n_kv_heads, m.n_heads
     Dh = m.head_width

@@ -153,6 +153,13 @@ def is_moe_layer(layer: int, cfg: ModelConfig) -> bool:
     return layer >= cfg.n_dense_layers and (layer - cfg.n_dense_layers) % cfg.moe_every == 0
 
 
+def block_is_moe(cfg: ModelConfig) -> list[bool]:
+    """Per distinct block (n_layers / share_layers of them), whether it is MoE: that of the
+    applied layers it runs (`check_layer_sharing` makes a group all dense or all MoE)."""
+    N = cfg.share_layers
+    return [is_moe_layer(j * N, cfg) for j in range(cfg.n_layers // N)]
+
+
 class Transformer(nn.Module):
     """The language model. `forward(tokens_BS, targets_BS)` returns a ModelOutput."""
 
@@ -163,10 +170,8 @@ class Transformer(nn.Module):
         check_layer_sharing(cfg)
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        N = cfg.share_layers
         self.layers = nn.ModuleList(  # the distinct blocks (all n_layers of them without sharing)
-            Block(cfg, expert_cfg, loss_cfg, is_moe_layer(j * N, cfg))
-            for j in range(cfg.n_layers // N)
+            Block(cfg, expert_cfg, loss_cfg, moe) for moe in block_is_moe(cfg)
         )
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -258,7 +263,7 @@ def count_params(cfg: ModelConfig, expert_cfg: ExpertConfig) -> dict[str, int]:
     E, F_, k = expert_cfg.num_experts, expert_cfg.hidden_size, expert_cfg.top_k
     one_expert = 3 * D * F_
     shared = one_expert * expert_cfg.num_shared
-    n_moe = sum(is_moe_layer(j * cfg.share_layers, cfg) for j in range(L))
+    n_moe = sum(block_is_moe(cfg))
     n_dense = L - n_moe
     embed = V * D * (1 if cfg.tie_embeddings else 2)
     common = embed + D + L * (attn + norms) + n_dense * dense_mlp + n_moe * (D * E + shared)
