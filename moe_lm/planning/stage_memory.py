@@ -44,7 +44,7 @@ from moe_lm.parallel.precision import Precision
 from moe_lm.planning.balanced import use_balanced_routing
 from moe_lm.planning.counting import build_meta_model
 from moe_lm.planning.memory import (PARTS, RankMemory, _AllToAllBytes, _by_part, fake_world,
-                                    rank_memory)
+                                    rank_memory, world_size_of)
 from moe_lm.planning.schedules import held_microbatches
 from moe_lm.training.optim import build_optimizer
 
@@ -232,9 +232,9 @@ def pipeline_rank_memory(cfg: TrainConfig, device_type: str = "cuda") -> RankMem
             parts[k] += mems[s].parts[k]
     parts["fsdp_unsharded"] = max(mems[s].parts["fsdp_unsharded"] for s in ids)
     parts["activations"] = per_rank[best] - sum(parts.values())
-    world = p.pp * p.dp_replicate * p.dp_shard * p.ep * p.tp
     return RankMemory(parts=parts, peak=per_rank[best],
-                      all_to_all=max(mems[s].all_to_all for s in ids), world_size=world,
+                      all_to_all=max(mems[s].all_to_all for s in ids),
+                      world_size=world_size_of(cfg),
                       per_pp_rank=per_rank, peak_pp_rank=best, peak_stages=ids)
 
 

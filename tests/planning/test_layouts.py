@@ -7,7 +7,8 @@ from moe_lm.config import ParallelConfig
 from moe_lm.planning.measure import measure_training_peak_distributed
 from moe_lm.planning.report import gpu_capacity_bytes
 from moe_lm.planning.schedules import held_microbatches
-from moe_lm.planning.search import search_layouts, world_of
+from moe_lm.planning.memory import world_size_of
+from moe_lm.planning.search import search_layouts
 from moe_lm.planning.stage_memory import layout_memory
 from tests.planning.test_counting import make_cfg
 from tests.planning.test_memory import TINY
@@ -54,7 +55,7 @@ def test_layout_search_measures_what_it_prints_at_the_same_global_batch():
     result = search_layouts(cfg, base, capacity, 1.0, "cpu")
     rows = result["rows"]
     assert rows and [r["gpus"] for r in rows] == sorted(r["gpus"] for r in rows)
-    assert rows[0]["gpus"] < world_of(cfg)
+    assert rows[0]["gpus"] < world_size_of(cfg)
     for r in rows:
         assert r["peak_bytes"] <= capacity
         dp = r["dp_replicate"] * r["dp_shard"] * r["ep"]
