@@ -58,16 +58,10 @@ class StageMemory:
     all_to_all: int
 
 
-def microbatches_of(cfg: TrainConfig) -> int:
-    """Microbatches per optimizer step, as the Trainer cuts them (`step_microbatches`:
-    `parallel.pp_microbatches`, 0 meaning one per `trainer.grad_accum` micro-batch)."""
-    return step_microbatches(cfg)
-
-
 def microbatch_size(cfg: TrainConfig) -> int:
     """Sequences per microbatch: a pipeline step splits its trainer.grad_accum x data.batch_size
     sequences per rank into the microbatches (as the Trainer does)."""
-    m, rows = microbatches_of(cfg), cfg.trainer.grad_accum * cfg.data.batch_size
+    m, rows = step_microbatches(cfg), cfg.trainer.grad_accum * cfg.data.batch_size
     if rows % m:
         raise ConfigError(f"trainer.grad_accum x data.batch_size = {rows} sequences do not split "
                           f"into parallel.pp_microbatches={m} equal microbatches: choose a "
@@ -85,8 +79,7 @@ def stage_config(cfg: TrainConfig) -> TrainConfig:
 def _stage_module(cfg: TrainConfig, blocks: list[int], first: bool, last: bool) -> StageModule:
     model = build_meta_model(cfg)
     n_moe = sum(b.is_moe for b in model.layers)
-    stage = StageModule(model, blocks, first, last, term_coefs(model), n_moe)
-    return stage
+    return StageModule(model, blocks, first, last, term_coefs(model), n_moe)
 
 
 def _inputs(stage: StageModule, B: int, S: int, dtype: torch.dtype) -> tuple:
@@ -202,7 +195,7 @@ def pipeline_rank_memory(cfg: TrainConfig, device_type: str = "cuda") -> RankMem
     """The peak memory over the pipeline ranks of `cfg` (pp > 1), by part; `per_pp_rank` lists
     every pipeline rank's peak."""
     p = cfg.parallel
-    m = microbatches_of(cfg)
+    m = step_microbatches(cfg)
     check_pipeline(cfg.model, p.pp, p.pp_schedule, m, p.pp_layers)
     n_stages = p.pp * stages_per_rank(p.pp_schedule)
     ranges = split_layers(cfg.model.n_layers, n_stages, p.pp_layers)
