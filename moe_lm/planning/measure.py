@@ -52,9 +52,8 @@ def _pipeline_steps(cfg: TrainConfig, steps: int) -> None:
 
     p = cfg.parallel
     microbatches = step_microbatches(cfg)
-    with torch.device("meta"):
-        model = build_meta_model(cfg)
-    ids, modules = build_stage_modules(model, dist.get_rank(), p.pp, p.pp_schedule, p.pp_layers)
+    ids, modules = build_stage_modules(build_meta_model(cfg), dist.get_rank(), p.pp,
+                                       p.pp_schedule, p.pp_layers)
     for m in modules:
         init_on_device(m, "cpu", cfg.trainer.seed)
         m.train()
