@@ -15,8 +15,8 @@ weight, gradient and two AdamW moments) of the parameters the rank holds, split 
 MLPs and shared experts over tp x dp_shard x ep; the rest over dp_shard x ep), plus the base
 plan's measured activations scaled by the layer-microbatches the rank holds (from torch's
 schedule) and by 1 / tp (sequence parallel), and its FSDP all-gather buffers scaled by 1 / ep
-(a MoE block gathers its rank's experts; 1 / tp for a dense model). Step time is the model FLOPs at `plan.peak_tflops`
-x `plan.mfu` times the schedule's bubble factor (`schedules.step_time_factor`); tp and all-to-all
+(a MoE block gathers its rank's experts; 1 / tp for a dense model). Step time is the model
+FLOPs at `plan.peak_tflops` x `plan.mfu` times the schedule's bubble factor (`schedules.step_time_factor`); tp and all-to-all
 communication are inside the assumed MFU, so at one GPU count layouts differ by the bubble.
 """
 
@@ -227,7 +227,8 @@ def format_search(result: dict[str, Any]) -> str:
     for i, r in enumerate(result["rows"], 1):
         lines.append(_format_row(str(i), r))
     if result.get("over_rows"):
-        lines.append("measured, but over the usable memory (the screen's best split of each pp, schedule, tp):")
+        lines.append("measured, but over the usable memory (the screen's best split of each pp, "
+                     "schedule, tp):")
         lines += [_format_row("x", r) for r in result["over_rows"]]
     if not result["rows"]:
         lines.append("  no measured layout fits: lower data.batch_size or data.seq_len, or use "
