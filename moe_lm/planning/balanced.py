@@ -100,12 +100,9 @@ def balanced(dispatcher: Dispatcher) -> Dispatcher:
     return BalancedDispatcher()
 
 
-def use_balanced_routing(model: nn.Module) -> int:
+def use_balanced_routing(model: nn.Module) -> None:
     """Gives every MoE layer the balanced dispatcher of the one it has (call after
-    `parallelize`); returns how many layers it changed."""
-    n = 0
+    `parallelize`)."""
     for module in model.modules():
         if isinstance(module, MoE):
             module.set_dispatcher(balanced(module.dispatcher))
-            n += 1
-    return n

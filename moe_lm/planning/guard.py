@@ -67,8 +67,8 @@ def check_launch(cfg: TrainConfig, overrides: list[str], hw: Hardware,
     wants_cuda = cfg.trainer.device == "cuda"
     problems = []
     if hw.world_size != world:
-        problems.append(f"{world} processes (mesh pp {p.pp} x dp_replicate {p.dp_replicate} x dp_shard "
-                        f"{p.dp_shard} x ep {p.ep} x tp {p.tp}), has {hw.world_size}")
+        problems.append(f"{world} processes (mesh pp {p.pp} x dp_replicate {p.dp_replicate} x "
+                        f"dp_shard {p.dp_shard} x ep {p.ep} x tp {p.tp}), has {hw.world_size}")
     if wants_cuda and hw.device_type != "cuda":
         problems.append("CUDA GPUs (trainer.device=cuda), has none")
     if state > hw.memory_per_device:

@@ -15,6 +15,7 @@ from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
 from moe_lm.config import TrainConfig
+from moe_lm.errors import ConfigError
 from moe_lm.parallel import build_mesh, clip_grad_norm_, init_on_device, parallelize
 from moe_lm.parallel.pipeline import (build_schedule, build_stage_modules, pipeline_step,
                                       step_microbatches)
@@ -52,9 +53,8 @@ def _pipeline_steps(cfg: TrainConfig, steps: int) -> None:
 
     p = cfg.parallel
     microbatches = step_microbatches(cfg)
-    with torch.device("meta"):
-        model = build_meta_model(cfg)
-    ids, modules = build_stage_modules(model, dist.get_rank(), p.pp, p.pp_schedule, p.pp_layers)
+    ids, modules = build_stage_modules(build_meta_model(cfg), dist.get_rank(), p.pp,
+                                       p.pp_schedule, p.pp_layers)
     for m in modules:
         init_on_device(m, "cpu", cfg.trainer.seed)
         m.train()
@@ -125,7 +125,9 @@ def measure_training_peak_distributed(cfg: TrainConfig, steps: int = 2) -> list[
     p = cfg.parallel
     nprocs = p.dp_replicate * p.dp_shard * p.ep * p.tp * p.pp
     if p.pp > 1 and nprocs != p.pp:
-        raise ValueError("a measured pipeline run has one process per stage rank (pp only)")
+        raise ConfigError(f"measure_training_peak_distributed runs a pipeline (parallel.pp={p.pp}) "
+                          "as one process per stage rank: set parallel.dp_replicate, dp_shard, "
+                          "ep and tp to 1, or measure with parallel.pp=1.")
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
         mp.spawn(_rank_main, args=(cfg, nprocs, init_file, tmp, steps), nprocs=nprocs)

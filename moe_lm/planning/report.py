@@ -15,6 +15,7 @@ from moe_lm.config import TrainConfig
 from moe_lm.errors import ConfigError, MoeLMError
 from moe_lm.model import count_params
 from moe_lm.parallel.fsdp import expert_shard_dim
+from moe_lm.parallel.pipeline import step_microbatches
 from moe_lm.planning.counting import (
     build_meta_model,
     count_by_component,
@@ -26,7 +27,7 @@ from moe_lm.planning.memory import PARTS, RankMemory, world_size_of
 from moe_lm.planning.prepare_time import prepare_estimate
 from moe_lm.planning.schedules import bubble_share, step_time_factor
 from moe_lm.planning.search import format_search, search_layouts
-from moe_lm.planning.stage_memory import layout_memory, microbatches_of
+from moe_lm.planning.stage_memory import layout_memory
 
 GIB = 2 ** 30
 
@@ -113,7 +114,7 @@ def make_plan(cfg: TrainConfig) -> dict[str, Any]:
     tokens_per_step = d.batch_size * d.seq_len * t.grad_accum * data_parallel
     achieved = world * cfg.plan.peak_tflops * 1e12 * cfg.plan.mfu  # FLOP/s
     ideal_step = flops["total"] * tokens_per_step / achieved
-    m = microbatches_of(cfg) if p.pp > 1 else 1
+    m = step_microbatches(cfg) if p.pp > 1 else 1
     step_time = ideal_step * step_time_factor(p.pp_schedule, p.pp, m)
     search = (search_layouts(cfg, mem, capacity, ideal_step, device_type)
               if cfg.plan.search != "none" else None)

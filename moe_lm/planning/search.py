@@ -15,8 +15,8 @@ weight, gradient and two AdamW moments) of the parameters the rank holds, split 
 MLPs and shared experts over tp x dp_shard x ep; the rest over dp_shard x ep), plus the base
 plan's measured activations scaled by the layer-microbatches the rank holds (from torch's
 schedule) and by 1 / tp (sequence parallel), and its FSDP all-gather buffers scaled by 1 / ep
-(a MoE block gathers its rank's experts; 1 / tp for a dense model). Step time is the model FLOPs at `plan.peak_tflops`
-x `plan.mfu` times the schedule's bubble factor (`schedules.step_time_factor`); tp and all-to-all
+(a MoE block gathers its rank's experts; 1 / tp for a dense model). Step time is the model
+FLOPs at `plan.peak_tflops` x `plan.mfu` times the schedule's bubble factor (`schedules.step_time_factor`); tp and all-to-all
 communication are inside the assumed MFU, so at one GPU count layouts differ by the bubble.
 """
 
@@ -31,7 +31,7 @@ from moe_lm.parallel.pipeline import (SCHEDULES, check_pipeline_run, split_layer
                                       stage_indices, stages_per_rank)
 from moe_lm.parallel.tensor_parallel import check_tensor_parallel
 from moe_lm.planning.counting import build_meta_model, component_of
-from moe_lm.planning.memory import RankMemory
+from moe_lm.planning.memory import RankMemory, world_size_of
 from moe_lm.planning.schedules import held_microbatches, step_time_factor
 from moe_lm.planning.stage_memory import layout_memory, microbatch_size
 
@@ -161,17 +161,12 @@ def candidates(cfg: TrainConfig, gpus: int | None) -> list[TrainConfig]:
     return out
 
 
-def world_of(cfg: TrainConfig) -> int:
-    p = cfg.parallel
-    return p.pp * p.tp * p.ep * p.dp_shard * p.dp_replicate
-
-
 def search_layouts(cfg: TrainConfig, base: RankMemory, capacity: int, ideal_step_s: float,
                    device_type: str) -> dict[str, Any]:
     """The `plan.search` table: the best `plan.search_top` measured layouts that fit."""
     mode, top = cfg.plan.search, cfg.plan.search_top
     max_measured = 3 * top
-    gpus = None if mode == "fewest" else (cfg.plan.search_gpus or world_of(cfg))
+    gpus = None if mode == "fewest" else (cfg.plan.search_gpus or world_size_of(cfg))
     counts = _layer_state(cfg)
     rows = []
     for c in candidates(cfg, gpus):
@@ -180,7 +175,7 @@ def search_layouts(cfg: TrainConfig, base: RankMemory, capacity: int, ideal_step
         rows.append((c, screen(c, counts, cfg, base), factor))
     fitting = [r for r in rows if r[1] <= capacity]
     if mode == "fewest":
-        fitting.sort(key=lambda r: (world_of(r[0]), r[2], r[1]))
+        fitting.sort(key=lambda r: (world_size_of(r[0]), r[2], r[1]))
     else:
         fitting.sort(key=lambda r: (r[2], r[1]))
     measured, tried, shown, over = [], 0, set(), []
@@ -195,7 +190,7 @@ def search_layouts(cfg: TrainConfig, base: RankMemory, capacity: int, ideal_step
             mem = layout_memory(c, device_type)
         except ConfigError:
             continue
-        r = row(c, mem, est, factor, ideal_step_s, world_of(cfg))
+        r = row(c, mem, est, factor, ideal_step_s, world_size_of(cfg))
         shown.add(group)  # its lowest screened split measured: give the next kind its turn
         if mem.peak <= capacity:
             measured.append(r)
@@ -209,7 +204,7 @@ def search_layouts(cfg: TrainConfig, base: RankMemory, capacity: int, ideal_step
 def row(c: TrainConfig, mem: RankMemory, est: float, factor: float, ideal_step_s: float,
         base_world: int) -> dict[str, Any]:
     p = c.parallel
-    world = world_of(c)
+    world = world_size_of(c)
     step = ideal_step_s * base_world / world * factor  # same tokens per step
     return {"gpus": world, "pp": p.pp, "schedule": p.pp_schedule if p.pp > 1 else "-",
             "microbatches": p.pp_microbatches if p.pp > 1 else c.trainer.grad_accum,
@@ -232,7 +227,8 @@ def format_search(result: dict[str, Any]) -> str:
     for i, r in enumerate(result["rows"], 1):
         lines.append(_format_row(str(i), r))
     if result.get("over_rows"):
-        lines.append("measured, but over the usable memory (the screen's best split of each pp, schedule, tp):")
+        lines.append("measured, but over the usable memory (the screen's best split of each pp, "
+                     "schedule, tp):")
         lines += [_format_row("x", r) for r in result["over_rows"]]
     if not result["rows"]:
         lines.append("  no measured layout fits: lower data.batch_size or data.seq_len, or use "

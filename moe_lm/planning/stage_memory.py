@@ -44,7 +44,7 @@ from moe_lm.parallel.precision import Precision
 from moe_lm.planning.balanced import use_balanced_routing
 from moe_lm.planning.counting import build_meta_model
 from moe_lm.planning.memory import (PARTS, RankMemory, _AllToAllBytes, _by_part, fake_world,
-                                    rank_memory)
+                                    rank_memory, world_size_of)
 from moe_lm.planning.schedules import held_microbatches
 from moe_lm.training.optim import build_optimizer
 
@@ -58,16 +58,10 @@ class StageMemory:
     all_to_all: int
 
 
-def microbatches_of(cfg: TrainConfig) -> int:
-    """Microbatches per optimizer step, as the Trainer cuts them (`step_microbatches`:
-    `parallel.pp_microbatches`, 0 meaning one per `trainer.grad_accum` micro-batch)."""
-    return step_microbatches(cfg)
-
-
 def microbatch_size(cfg: TrainConfig) -> int:
     """Sequences per microbatch: a pipeline step splits its trainer.grad_accum x data.batch_size
     sequences per rank into the microbatches (as the Trainer does)."""
-    m, rows = microbatches_of(cfg), cfg.trainer.grad_accum * cfg.data.batch_size
+    m, rows = step_microbatches(cfg), cfg.trainer.grad_accum * cfg.data.batch_size
     if rows % m:
         raise ConfigError(f"trainer.grad_accum x data.batch_size = {rows} sequences do not split "
                           f"into parallel.pp_microbatches={m} equal microbatches: choose a "
@@ -85,8 +79,7 @@ def stage_config(cfg: TrainConfig) -> TrainConfig:
 def _stage_module(cfg: TrainConfig, blocks: list[int], first: bool, last: bool) -> StageModule:
     model = build_meta_model(cfg)
     n_moe = sum(b.is_moe for b in model.layers)
-    stage = StageModule(model, blocks, first, last, term_coefs(model), n_moe)
-    return stage
+    return StageModule(model, blocks, first, last, term_coefs(model), n_moe)
 
 
 def _inputs(stage: StageModule, B: int, S: int, dtype: torch.dtype) -> tuple:
@@ -202,7 +195,7 @@ def pipeline_rank_memory(cfg: TrainConfig, device_type: str = "cuda") -> RankMem
     """The peak memory over the pipeline ranks of `cfg` (pp > 1), by part; `per_pp_rank` lists
     every pipeline rank's peak."""
     p = cfg.parallel
-    m = microbatches_of(cfg)
+    m = step_microbatches(cfg)
     check_pipeline(cfg.model, p.pp, p.pp_schedule, m, p.pp_layers)
     n_stages = p.pp * stages_per_rank(p.pp_schedule)
     ranges = split_layers(cfg.model.n_layers, n_stages, p.pp_layers)
@@ -232,9 +225,9 @@ def pipeline_rank_memory(cfg: TrainConfig, device_type: str = "cuda") -> RankMem
             parts[k] += mems[s].parts[k]
     parts["fsdp_unsharded"] = max(mems[s].parts["fsdp_unsharded"] for s in ids)
     parts["activations"] = per_rank[best] - sum(parts.values())
-    world = p.pp * p.dp_replicate * p.dp_shard * p.ep * p.tp
     return RankMemory(parts=parts, peak=per_rank[best],
-                      all_to_all=max(mems[s].all_to_all for s in ids), world_size=world,
+                      all_to_all=max(mems[s].all_to_all for s in ids),
+                      world_size=world_size_of(cfg),
                       per_pp_rank=per_rank, peak_pp_rank=best, peak_stages=ids)
 
 

@@ -7,7 +7,8 @@ from moe_lm.config import ParallelConfig
 from moe_lm.planning.measure import measure_training_peak_distributed
 from moe_lm.planning.report import gpu_capacity_bytes
 from moe_lm.planning.schedules import held_microbatches
-from moe_lm.planning.search import search_layouts, world_of
+from moe_lm.planning.memory import world_size_of
+from moe_lm.planning.search import search_layouts
 from moe_lm.planning.stage_memory import layout_memory
 from tests.planning.test_counting import make_cfg
 from tests.planning.test_memory import TINY
@@ -41,20 +42,19 @@ def test_plan_memory_within_25_percent_of_measured_two_process_pp_and_tp_runs(la
     per_rank = planned.per_pp_rank or [planned.peak] * len(measured)
     for plan_r, real_r in zip(per_rank, measured):
         assert abs(plan_r - real_r) <= 0.25 * real_r, (per_rank, measured)
-    assert planned.peak == max(per_rank)
 
 
 def test_layout_search_measures_what_it_prints_at_the_same_global_batch():
     cfg = make_cfg({**PIPE, "data.batch_size": 4}, vocab=1000)
     cfg.parallel = ParallelConfig(dp_shard=4)
-    cfg.plan.gpu_memory_gb = 0.0085  # 7.8 MiB usable: one GPU (8.5 MiB) does not hold it
+    cfg.plan.gpu_memory_gb = 0.0085  # 8.7 MiB, 7.8 MiB of it usable (plan.memory_headroom)
     cfg.plan.search, cfg.plan.search_top = "fewest", 2
     base = layout_memory(cfg, "cpu")
     capacity = gpu_capacity_bytes(cfg)
     result = search_layouts(cfg, base, capacity, 1.0, "cpu")
     rows = result["rows"]
     assert rows and [r["gpus"] for r in rows] == sorted(r["gpus"] for r in rows)
-    assert rows[0]["gpus"] < world_of(cfg)
+    assert rows[0]["gpus"] < world_size_of(cfg)
     for r in rows:
         assert r["peak_bytes"] <= capacity
         dp = r["dp_replicate"] * r["dp_shard"] * r["ep"]
