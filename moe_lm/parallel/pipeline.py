@@ -29,15 +29,19 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
-from torch.distributed.pipelining.schedules import (FORWARD, RECV_F, RESHARD, SEND_F,
-                                                    UNSHARD, PipelineScheduleMulti,
-                                                    _PipelineScheduleRuntime, get_schedule_class)
+from torch.distributed.pipelining.schedules import PipelineScheduleMulti, get_schedule_class
 
 from moe_lm.config import ModelConfig, TrainConfig
 from moe_lm.errors import ConfigError
 from moe_lm.model.losses import fused_linear_cross_entropy
 from moe_lm.model.moe import MoEStats
 from moe_lm.model.transformer import Transformer, rotary_tables
+
+try:  # torch-private: the forward-only (evaluation) run of the zero-bubble schedules edits them
+    from torch.distributed.pipelining.schedules import (FORWARD, RECV_F, RESHARD, SEND_F,
+                                                        UNSHARD, _PipelineScheduleRuntime)
+except ImportError:  # another torch: check_pipeline_run refuses those schedules by name
+    _PipelineScheduleRuntime = None
 
 SCHEDULES = ("1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble")
 # the schedules that split the backward into input- and weight-gradient passes
@@ -114,6 +118,8 @@ def check_pipeline_run(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"parallel.pp_schedule={par.pp_schedule} needs parallel.pp_microbatches={n} to be a "
             f"multiple of its rounds ({n // par.pp}): use a multiple of parallel.pp={par.pp}.")
+    if par.pp_schedule in SPLIT_BACKWARD and _PipelineScheduleRuntime is None:
+        raise ConfigError(_NO_FORWARD_ONLY.format(par.pp_schedule, torch.__version__))
     off = {"loss.distill_coef > 0": cfg.loss.distill_coef > 0,
            "loss.mtp_coef > 0": cfg.loss.mtp_coef > 0, "trainer.compile=true": t.compile,
            "trainer.eval_tasks": bool(t.eval_tasks)}
@@ -122,6 +128,13 @@ def check_pipeline_run(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"{', '.join(bad)} with parallel.pp > 1 is not supported yet (it needs the whole "
             "model on one rank): turn it off, or train with parallel.pp=1.")
+
+
+_NO_FORWARD_ONLY = (
+    "parallel.pp_schedule={} needs torch's private pipeline runtime (_PipelineScheduleRuntime."
+    "pipeline_order_with_comms) to run its forward actions alone for the validation loss, and "
+    "torch {} does not have it: use parallel.pp_schedule=1F1B or Interleaved1F1B, or the torch "
+    "version this was tested with (2.13).")
 
 
 def split_layers(n_layers: int, n_stages: int, layers: list[int] | None) -> list[range]:
@@ -271,7 +284,10 @@ def build_schedule(modules: list[StageModule], ids: list[int], pp: int, schedule
     if not issubclass(cls, PipelineScheduleMulti):
         return cls(stages[0], n_microbatches=microbatches, loss_fn=loss_fn)
     built = cls(stages, n_microbatches=microbatches, loss_fn=loss_fn)
-    if forward_only and isinstance(built, _PipelineScheduleRuntime):
+    order = (getattr(built, "pipeline_order_with_comms", None)
+             if _PipelineScheduleRuntime is not None
+             and isinstance(built, _PipelineScheduleRuntime) else None)
+    if forward_only and order is not None:
         # torch's eval() runs the schedule's whole action list, and ZBVZeroBubble's holds
         # backward-input actions that fail without a backward: keep its forward actions, their
         # sends and receives and the stages' unshard/reshard, in torch's order (torch's own
@@ -279,7 +295,9 @@ def build_schedule(modules: list[StageModule], ids: list[int], pp: int, schedule
         keep = (FORWARD, SEND_F, RECV_F, UNSHARD, RESHARD)
         built.pipeline_order_with_comms = {
             rank: [a for a in actions if a.computation_type in keep]
-            for rank, actions in built.pipeline_order_with_comms.items()}
+            for rank, actions in order.items()}
+    elif forward_only and schedule in SPLIT_BACKWARD:
+        raise ConfigError(_NO_FORWARD_ONLY.format(schedule, torch.__version__))
     return built
 
 

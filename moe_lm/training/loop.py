@@ -67,7 +67,8 @@ class Trainer(NonFiniteGuard):
         self.device = resolve_device(cfg.trainer.device)
         if self.device.type == "cpu":
             keep_freed_cpu_memory()  # large CPU tensors reuse the heap instead of page faults
-        check_tensor_parallel(cfg), check_pipeline_run(cfg)
+        check_tensor_parallel(cfg)
+        check_pipeline_run(cfg)
         validate_layout(cfg.parallel, cfg.expert, dist_utils.world_size(), self.device.type)
         torch.manual_seed(cfg.trainer.seed)
         tokenizer = get_tokenizer(cfg.data.tokenizer)
@@ -184,12 +185,13 @@ class Trainer(NonFiniteGuard):
         if self.pipeline is not None:  # the schedule runs the step's microbatches
             sums, per_micro = self.pipeline.train_step([self.next_batch()
                                                         for _ in range(t.grad_accum)])
-        for _ in range(t.grad_accum if self.pipeline is None else 0):
-            result = forward_backward(self.model, self.next_batch(), self.precision,
-                                      self.device.type, extra, grad_divisor=t.grad_accum)
-            per_micro.append(result.out.moe_stats)
-            for key, value in result.logs.items():
-                sums[key] = sums.get(key, 0.0) + value / t.grad_accum
+        else:
+            for _ in range(t.grad_accum):
+                result = forward_backward(self.model, self.next_batch(), self.precision,
+                                          self.device.type, extra, grad_divisor=t.grad_accum)
+                per_micro.append(result.out.moe_stats)
+                for key, value in result.logs.items():
+                    sums[key] = sums.get(key, 0.0) + value / t.grad_accum
         for moe_stats in per_micro:
             self.routing.add(moe_stats)
             step_loads = [s.tokens_per_expert + (step_loads[i] if step_loads else 0)
@@ -244,12 +246,13 @@ class Trainer(NonFiniteGuard):
         total, n = torch.zeros((), device=self.device), 0
         if self.pipeline is not None:  # through the stages; the last one's losses, on all ranks
             total, n = self.pipeline.val_loss_sum([b.to(self.device) for b in batches])
-        for batch in (batches if self.pipeline is None else ()):
-            batch = batch.to(self.device)
-            with self.precision.autocast(self.device.type):
-                out = self.model(batch[:, :-1], batch[:, 1:], return_logits=False)
-            total += out.lm_loss.float()
-            n += 1
+        else:
+            for batch in batches:
+                batch = batch.to(self.device)
+                with self.precision.autocast(self.device.type):
+                    out = self.model(batch[:, :-1], batch[:, 1:], return_logits=False)
+                total += out.lm_loss.float()
+                n += 1
         if dist_utils.is_initialized():
             torch.distributed.all_reduce(total)
             total /= dist_utils.world_size()
@@ -257,14 +260,8 @@ class Trainer(NonFiniteGuard):
 
     def routers(self) -> list[Router]:
         """This rank's MoE layers' routers, in layer order (the order of `ModelOutput.moe_stats`;
-        under pp those of this rank's stages: `moe_ids` gives their index in the whole model)."""
+        under pp those of this rank's stages: `pipeline.moe_ids` gives their whole-model index)."""
         return [m for m in self.model.modules() if isinstance(m, Router)]
-
-    @property
-    def moe_ids(self) -> list[int]:
-        if self.pipeline is None:
-            return list(range(len(self.routers())))
-        return [self.model.moe_index[k] for k, b in self.model.layers.items() if b.is_moe]
 
     @torch.no_grad()
     def balance_routers(self, loads: list[torch.Tensor]) -> None:
@@ -275,15 +272,17 @@ class Trainer(NonFiniteGuard):
         load_LE = torch.stack(loads).float()
         if dist_utils.is_initialized():
             torch.distributed.all_reduce(load_LE)
-        for router, i in zip(self.routers(), self.moe_ids):
-            router.update_score_bias(load_LE[i], rate)
+        if self.pipeline is not None:  # the rows of this rank's layers
+            load_LE = load_LE[self.pipeline.moe_ids]
+        for router, load_E in zip(self.routers(), load_LE):
+            router.update_score_bias(load_E, rate)
 
     def score_biases(self) -> list[torch.Tensor]:
         """Every MoE layer's selection bias (under pp gathered from the stages that hold them)."""
         biases = [r.score_bias for r in self.routers()]
         if self.pipeline is None:
             return biases
-        return self.pipeline.whole_model(biases, self.moe_ids)
+        return self.pipeline.whole_model(biases)
 
     def plot_routing(self, logger: MetricsLogger) -> None:
         """The expert-load heatmap PNG of the run so far, also sent to wandb (rank 0)."""
@@ -351,7 +350,8 @@ def run_training(cfg: TrainConfig, run_dir: Path,
     """
     cfg = warm_start_config(cfg)  # init.from_checkpoint: the checkpoint's model and tokenizer
     device_type = resolve_device(cfg.trainer.device).type
-    check_tensor_parallel(cfg), check_pipeline_run(cfg)
+    check_tensor_parallel(cfg)
+    check_pipeline_run(cfg)
     validate_layout(cfg.parallel, cfg.expert, dist_utils.launched_world_size()
                     if not dist_utils.is_initialized() else dist_utils.world_size(), device_type)
     created = dist_utils.init_from_env(device_type, cfg.trainer.collective_timeout_s)
@@ -366,13 +366,15 @@ def run_training(cfg: TrainConfig, run_dir: Path,
         try:
             logger.say(start_summary(trainer.cfg, run_dir, trainer.device, trainer.precision,
                                      dist_utils.world_size(), trainer.step))
-            if mixture_plan(trainer.train_data, trainer.cfg):  # how often each source repeats
-                logger.say(mixture_plan(trainer.train_data, trainer.cfg))
+            plan = mixture_plan(trainer.train_data, trainer.cfg)  # how often each source repeats
+            if plan:
+                logger.say(plan)
             result = trainer.fit(logger)
             if t.final_weights_only and trainer.step >= t.max_steps:
                 keep_final_weights_only(run_dir, trainer.model)
-            if mixture_seen(trainer.train_data):
-                logger.say(mixture_seen(trainer.train_data))
+            seen = mixture_seen(trainer.train_data)
+            if seen:
+                logger.say(seen)
             logger.say(end_summary(run_dir, trainer.step, trainer.cfg, time.time() - started,
                                    result))
             return result

@@ -56,7 +56,8 @@ class PipelineRunner:
             parallelize(stage, mesh, cfg, precision, reshard_after_forward=not split)
         self.n = step_microbatches(cfg)
         self.n_moe = sum(b.is_moe for b in model.layers)
-        self.n_terms = len(self.stages[0].term_names)
+        # this rank's MoE layers, in the order of its routers: their indices in the whole model
+        self.moe_ids = [self.parts.moe_index[k] for k, b in self.parts.layers.items() if b.is_moe]
         self.term_names = self.stages[0].term_names
         self.num_experts = cfg.expert.num_experts
         self.schedule = self.eval_schedule = None
@@ -108,16 +109,16 @@ class PipelineRunner:
         """Forward + backward of one optimizer step's batches; (mean losses by name, per
         microbatch the whole-model routing stats)."""
         out = pipeline_step(self.schedule, self.stages, torch.cat(batches))
-        values = self._from_last_stage(out, 2 + self.n_terms)
+        values = self._from_last_stage(out, 2 + len(self.term_names))
         logs = {"loss": values[0], "lm_loss": values[1],
                 **{name: values[2 + i] for i, name in enumerate(self.term_names)}}
         return logs, self._recorded()
 
-    def whole_model(self, rows: list[torch.Tensor], ids: list[int]) -> list[torch.Tensor]:
-        """Per-MoE-layer tensors of this rank's layers (at indices `ids` of the whole model) ->
-        those of every layer, from the ranks that hold them."""
+    def whole_model(self, rows: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-MoE-layer tensors of this rank's layers (at indices `moe_ids` of the whole model)
+        -> those of every layer, from the ranks that hold them."""
         full = torch.zeros(self.n_moe, self.num_experts, device=self.device)
-        for row, i in zip(rows, ids):
+        for row, i in zip(rows, self.moe_ids):
             full[i] = row.detach().float()
         dist.all_reduce(full, group=self.group)
         return list(full)

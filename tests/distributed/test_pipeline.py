@@ -15,6 +15,7 @@ import pytest
 
 from moe_lm.config import ParallelConfig
 from moe_lm.errors import ConfigError
+from moe_lm.parallel import pipeline
 from moe_lm.parallel.pipeline import check_pipeline, split_layers
 from tests.distributed.helpers import REL_TOL, spawn_ranks
 from tests.distributed.workers import tiny_config
@@ -67,3 +68,15 @@ def test_impossible_pipelines_are_refused(pp, schedule, microbatches, layers, ch
     model = replace(tiny_config(ParallelConfig()).model, **{"tie_embeddings": False, **change})
     with pytest.raises(ConfigError, match=match):
         check_pipeline(model, pp, schedule, microbatches, layers)
+
+
+def test_zero_bubble_schedules_refused_without_torchs_private_runtime(monkeypatch):
+    """Their validation edits torch's private action list: a torch without it gets a ConfigError
+    that names the schedules that still run, before anything is allocated."""
+    cfg = tiny_config(ParallelConfig(pp=2, pp_schedule="ZBVZeroBubble", pp_microbatches=2))
+    cfg = replace(cfg, model=replace(cfg.model, tie_embeddings=False, n_layers=4))
+    pipeline.check_pipeline_run(cfg)  # the installed torch has it
+    monkeypatch.setattr(pipeline, "_PipelineScheduleRuntime", None)
+    with pytest.raises(ConfigError, match=r"private pipeline runtime.*pp_schedule=1F1B"):
+        pipeline.check_pipeline_run(cfg)
+    pipeline.check_pipeline_run(replace(cfg, parallel=replace(cfg.parallel, pp_schedule="1F1B")))

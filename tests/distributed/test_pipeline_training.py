@@ -18,8 +18,9 @@ import pytest
 from moe_lm.errors import ConfigError
 from moe_lm.training.checkpoint import list_checkpoints
 from tests.conftest import read_metrics, train_losses
-from tests.distributed.helpers import (STEPS, assert_losses_close, assert_stopped_before_step,
-                                       grad_norms, spawn_ranks, torchrun_train)
+from tests.distributed.helpers import (REL_TOL, STEPS, assert_losses_close,
+                                       assert_stopped_before_step, grad_norms, spawn_ranks,
+                                       torchrun_train)
 from tests.distributed.test_layout_errors import no_model_allocation  # noqa: F401 (fixture)
 from tests.distributed.workers import train_rank
 from tests.training.helpers import train_in_process
@@ -141,6 +142,29 @@ def test_interleaved_pipeline_equals_single_process(tmp_path, pipe_overrides):
     val, want = _val(tmp_path / "pp2"), _val(tmp_path / "single")
     assert sorted(val) == sorted(want) == [0, STEPS]  # through the forward-only schedule
     assert_losses_close(val, want, [0, STEPS], "val_loss")
+
+
+@pytest.mark.slow
+def test_aux_free_balancing_in_an_interleaved_pipeline_equals_single_process(tmp_path,
+                                                                          pipe_overrides):
+    """expert=aux_free: each rank nudges the biases of its own MoE layers (rank 0: layer 2,
+    rank 1: layers 1 and 3) from the whole model's loads, and rank 0 logs every layer's bias."""
+    overrides = [*pipe_overrides, "model.n_layers=4", "expert=aux_free", "loss=aux_free"]
+    train_in_process(tmp_path / "single", overrides)
+    _torchrun(tmp_path / "pp2", [*overrides, "parallel.pp=2",
+                                 "parallel.pp_schedule=Interleaved1F1B"])
+    _assert_same_run(tmp_path / "pp2", tmp_path / "single", what="pp=2 aux_free")
+
+    def biases(run):
+        return {r["step"]: {k: v for k, v in r.items() if k.endswith("score_bias")}
+                for r in read_metrics(run) if "loss" in r}
+
+    got, want = biases(tmp_path / "pp2"), biases(tmp_path / "single")
+    assert len(want[STEPS]) == 3 and any(b != [0.0] * 4 for b in want[STEPS].values())
+    assert got.keys() == want.keys()
+    for step in want:
+        for key, bias in want[step].items():
+            assert got[step][key] == pytest.approx(bias, rel=REL_TOL, abs=1e-9), (step, key)
 
 
 @pytest.mark.slow
